@@ -1,0 +1,62 @@
+"""trl-rb: Rao-Blackwellized KL estimators for language models, in trl's RLOO and GRPO trainers.
+
+The estimator math (``trl_rb.kl``) imports only torch; the trainers and tools import trl and transformers lazily,
+on first access, so ``import trl_rb`` stays light.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .kl import (
+    ESTIMATORS,
+    compute_kl,
+    kl_estimate,
+    kl_surrogate,
+    linear_token_kl,
+    token_kl,
+    token_logprobs,
+)
+
+__version__ = "0.1.0"
+
+# Public names that live in modules importing trl / transformers: loaded on first access.
+_LAZY = {
+    "exact_kl": "trl_rb.exact",
+    "exact_kl_and_grad": "trl_rb.exact",
+    "enumerate_completions": "trl_rb.exact",
+    "RLOOConfig": "trl_rb.rloo",
+    "RLOOTrainer": "trl_rb.rloo",
+    "GRPOConfig": "trl_rb.grpo",
+    "GRPOTrainer": "trl_rb.grpo",
+    "estimate_kl": "trl_rb.estimate",
+    "EstimateResult": "trl_rb.estimate",
+    "build_review_lm": "trl_rb.review_lm",
+    "load_review_lm": "trl_rb.review_lm",
+    "vader_reward": "trl_rb.rewards",
+}
+
+__all__ = [
+    "ESTIMATORS",
+    "compute_kl",
+    "kl_estimate",
+    "kl_surrogate",
+    "linear_token_kl",
+    "token_kl",
+    "token_logprobs",
+    *_LAZY,
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'trl_rb' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -1,0 +1,600 @@
+"""KL estimators between two causal language models: pure torch, no trl, no transformers.
+
+Alignment convention for every function here: ``logits[b, t]`` is the next-token distribution that ``tokens[b, t]``
+was drawn from (completion-aligned, as trl's ``logits_to_keep``: the logits at the position *before* each token).
+``mask[b, t]`` is 1 for real completion tokens (EOS included) and 0 for padding.
+
+Notation (see ESTIMATORS.md): ``p`` the policy, ``q`` the reference, both as sampling distributions
+(``softmax(logits / temperature)``); ``r_n = log p_n(y_n) - log q_n(y_n)``;
+``K_n = KL(p_n || q_n)`` the exact KL of the two next-token distributions.
+
+Numerics: every function computes in float32 (float64 when given float64), whatever the input dtype, with
+logsumexp rather than softmax-then-log, and works through the positions in chunks so that the memory it takes
+beyond its inputs and output is bounded by the chunk, not by the number of positions.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "ESTIMATORS",
+    "canonical_estimator",
+    "compute_kl",
+    "kl_estimate",
+    "kl_surrogate",
+    "linear_token_kl",
+    "sequence_kl_terms",
+    "token_kl",
+    "token_logprobs",
+]
+
+# Canonical estimator names and their accepted aliases (matched case-insensitively).
+ESTIMATORS: dict[str, tuple[str, ...]] = {
+    "k1": ("mc",),
+    "k2": (),
+    "k3": (),
+    "cv": (),
+    "rb": ("full",),
+}
+_ALIASES = {alias: name for name, aliases in ESTIMATORS.items() for alias in (name, *aliases)}
+
+# Elements of a [chunk, V] float32 temporary: 2**20 (4 MiB) keeps the handful of live temporaries in a chunk
+# within a few tens of MiB while leaving each torch op enough work to amortise its dispatch.
+_CHUNK_ELEMENTS = 2**20
+
+
+def canonical_estimator(name: str, allowed: tuple[str, ...] | None = None) -> str:
+    """Map an estimator name or alias (case-insensitive) to its canonical name.
+
+    Args:
+        name: e.g. ``"RB"``, ``"full"``, ``"mc"``, ``"k3"``.
+        allowed: canonical names the caller supports; all of ``ESTIMATORS`` when ``None``.
+
+    Raises:
+        ValueError: for an unknown name, listing the valid ones (aliases included).
+    """
+    allowed = tuple(ESTIMATORS) if allowed is None else allowed
+    key = name.lower() if isinstance(name, str) else name
+    canonical = _ALIASES.get(key)
+    if canonical is None or canonical not in allowed:
+        valid = ", ".join(f"{n} (alias {', '.join(ESTIMATORS[n])})" if ESTIMATORS[n] else n for n in allowed)
+        raise ValueError(f"Unknown KL estimator {name!r}; valid estimators are: {valid} (case-insensitive).")
+    return canonical
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Input checks: bad input fails here, with both shapes named, not deep inside torch.
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _check_float(name: str, tensor: torch.Tensor) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}.")
+    if not tensor.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor (logits), got dtype {tensor.dtype}; cast it with .float().")
+
+
+def _check_temperature(temperature: float) -> None:
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}.")
+
+
+def _check_logits_pair(logits_p: torch.Tensor, logits_q: torch.Tensor) -> None:
+    _check_float("logits_p", logits_p)
+    _check_float("logits_q", logits_q)
+    if logits_p.dim() < 1:
+        raise ValueError("logits_p must have a vocabulary dimension (last), got a 0-d tensor.")
+    if logits_p.shape[-1] != logits_q.shape[-1]:
+        raise ValueError(
+            f"logits_p and logits_q have different vocabulary sizes: logits_p {tuple(logits_p.shape)} vs logits_q "
+            f"{tuple(logits_q.shape)}; both models must share one tokenizer and vocabulary."
+        )
+    if logits_p.shape != logits_q.shape:
+        raise ValueError(
+            f"logits_p and logits_q must have the same shape, got logits_p {tuple(logits_p.shape)} and logits_q "
+            f"{tuple(logits_q.shape)}."
+        )
+
+
+def _check_tokens(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor | None) -> None:
+    if tokens.shape != logits.shape[:-1]:
+        raise ValueError(
+            f"tokens {tuple(tokens.shape)} must match the logits without their vocabulary dimension: logits "
+            f"{tuple(logits.shape)} -> expected tokens {tuple(logits.shape[:-1])} (logits[b, t] is the distribution "
+            "tokens[b, t] was drawn from)."
+        )
+    if tokens.is_floating_point() or tokens.is_complex():
+        raise TypeError(f"tokens must be an integer tensor of token ids, got dtype {tokens.dtype}.")
+    if mask is not None and mask.shape != tokens.shape:
+        raise ValueError(f"mask {tuple(mask.shape)} must have the shape of tokens {tuple(tokens.shape)}.")
+
+
+def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _default_chunk(vocab: int, chunk_size: int | None) -> int:
+    if chunk_size is None:
+        return max(1, _CHUNK_ELEMENTS // max(vocab, 1))
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}.")
+    return chunk_size
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The per-position KL on one chunk of logits: shared by token_kl and linear_token_kl, forward and backward.
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _chunk_kl(zp: torch.Tensor, zq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact KL(softmax(zp) || softmax(zq)) row by row, from already scaled float logits [n, V].
+
+    Returns (kl, lse_p, lse_q), each [n]. Uses KL = sum_v p_v (zp_v - zq_v) - lse_p + lse_q, reusing the
+    exponentials of the logsumexp of zp, so the only work beyond two logsumexps is one fused dot product.
+    """
+    max_p = zp.amax(dim=-1, keepdim=True)
+    # A row of all -inf has no distribution; keep its max finite so the exp below gives zeros, not NaN.
+    max_p = torch.where(torch.isfinite(max_p), max_p, torch.zeros_like(max_p))
+    e = torch.exp(zp - max_p)
+    s = e.sum(-1)
+    lse_p = max_p.squeeze(-1) + torch.log(s)
+    lse_q = torch.logsumexp(zq, dim=-1)
+    diff = zp - zq
+    dot = torch.linalg.vecdot(e, diff)
+    bad = torch.isnan(dot)
+    if bad.any():
+        # 0 * (-inf - -inf): vocabulary entries where p is 0 contribute 0, not NaN. Only rows that hit it pay.
+        rows = bad.nonzero().squeeze(-1)
+        e_bad = e[rows]
+        dot = dot.index_put((rows,), torch.where(e_bad > 0, e_bad * diff[rows], torch.zeros_like(e_bad)).sum(-1))
+    kl = dot / s - lse_p + lse_q
+    return kl, lse_p, lse_q
+
+
+def _chunk_kl_grads(
+    zp: torch.Tensor, zq: torch.Tensor, kl: torch.Tensor, lse_p: torch.Tensor, lse_q: torch.Tensor, g: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of sum_rows g * KL(softmax(zp) || softmax(zq)) with respect to zp and zq, each [n, V].
+
+    d KL / d zp_v = p_v (log p_v - log q_v - KL);  d KL / d zq_v = q_v - p_v.
+    """
+    logp = zp - lse_p.unsqueeze(-1)
+    p = torch.exp(logp)
+    log_ratio = logp - (zq - lse_q.unsqueeze(-1))
+    term = torch.where(p > 0, p * (log_ratio - kl.unsqueeze(-1)), torch.zeros_like(p))
+    grad_zp = g.unsqueeze(-1) * term
+    grad_zq = g.unsqueeze(-1) * (torch.exp(zq - lse_q.unsqueeze(-1)) - p)
+    return grad_zp, grad_zq
+
+
+def _scale(z: torch.Tensor, temperature: float, dtype: torch.dtype) -> torch.Tensor:
+    z = z.to(dtype)
+    return z / temperature if temperature != 1.0 else z
+
+
+class _TokenKL(torch.autograd.Function):
+    """Chunked exact per-position KL over logits [N, V] -> [N]; the backward recomputes each chunk."""
+
+    @staticmethod
+    def forward(ctx, logits_p, logits_q, temperature, chunk, dtype):  # type: ignore[override]
+        n = logits_p.shape[0]
+        out = torch.empty(n, dtype=dtype, device=logits_p.device)
+        lse = torch.empty(2, n, dtype=dtype, device=logits_p.device)
+        for s in range(0, n, chunk):
+            e = min(s + chunk, n)
+            kl, lse_p, lse_q = _chunk_kl(_scale(logits_p[s:e], temperature, dtype), _scale(logits_q[s:e], temperature, dtype))
+            out[s:e], lse[0, s:e], lse[1, s:e] = kl, lse_p, lse_q
+        ctx.save_for_backward(logits_p, logits_q, out, lse)
+        ctx.temperature, ctx.chunk, ctx.dtype = temperature, chunk, dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        logits_p, logits_q, out, lse = ctx.saved_tensors
+        need_p, need_q = ctx.needs_input_grad[:2]
+        t, chunk, dtype = ctx.temperature, ctx.chunk, ctx.dtype
+        grad_p = torch.empty_like(logits_p) if need_p else None
+        grad_q = torch.empty_like(logits_q) if need_q else None
+        for s in range(0, logits_p.shape[0], chunk):
+            e = min(s + chunk, logits_p.shape[0])
+            gp, gq = _chunk_kl_grads(
+                _scale(logits_p[s:e], t, dtype),
+                _scale(logits_q[s:e], t, dtype),
+                out[s:e],
+                lse[0, s:e],
+                lse[1, s:e],
+                grad_out[s:e].to(dtype),
+            )
+            if need_p:
+                grad_p[s:e] = gp / t
+            if need_q:
+                grad_q[s:e] = gq / t
+        return grad_p, grad_q, None, None, None
+
+
+def token_kl(
+    logits_p: torch.Tensor, logits_q: torch.Tensor, *, temperature: float = 1.0, chunk_size: int | None = None
+) -> torch.Tensor:
+    """Exact KL(softmax(logits_p / T) || softmax(logits_q / T)) at every position.
+
+    Args:
+        logits_p: policy logits, shape [..., V], any floating dtype (bf16 / fp16 / fp32 / fp64).
+        logits_q: reference logits, the same shape.
+        temperature: the sampling temperature T > 0 (the KL is of the distributions the tokens were drawn from).
+        chunk_size: positions per chunk; by default about 2**20 / V, which bounds the extra memory at a few
+            [chunk, V] float32 temporaries (tens of MiB) whatever the number of positions.
+
+    Returns:
+        Tensor of shape ``logits_p.shape[:-1]``, float32 (float64 for float64 inputs), differentiable with respect
+        to both inputs. Vocabulary entries where p is 0 (logit -inf) contribute 0; p > 0 where q is 0 gives +inf.
+        Values are >= 0 up to rounding (~1e-7 relative); they are not clamped.
+    """
+    _check_logits_pair(logits_p, logits_q)
+    _check_temperature(temperature)
+    vocab = logits_p.shape[-1]
+    chunk = _default_chunk(vocab, chunk_size)
+    dtype = _compute_dtype(logits_p, logits_q)
+    flat = _TokenKL.apply(logits_p.reshape(-1, vocab), logits_q.reshape(-1, vocab), float(temperature), chunk, dtype)
+    return flat.view(logits_p.shape[:-1])
+
+
+def research_token_kl(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
+    """The research code's formula, kept as a reference and benchmark baseline: five [..., V] temporaries."""
+    p = torch.softmax(logits_p.float(), dim=-1)
+    return (p * (torch.log_softmax(logits_p.float(), -1) - torch.log_softmax(logits_q.float(), -1))).sum(-1)
+
+
+def compute_kl(
+    new_logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    logits_p: torch.Tensor | None = None,
+    logits_q: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The research code's API: per-position KL, Monte Carlo without logits, Rao-Blackwellized with them.
+
+    Args:
+        new_logprobs: log p_n(y_n) of the sampled tokens under the policy, shape [B, T].
+        ref_logprobs: log q_n(y_n) under the reference, shape [B, T].
+        logits_p, logits_q: optional policy and reference logits [B, T, V], completion-aligned (``logits[b, t]`` is
+            the distribution of token ``t``), at the sampling temperature already (no scaling is applied here).
+
+    Returns:
+        [B, T]: ``new_logprobs - ref_logprobs`` (the k1 terms r_n) when no logits are given, else the exact
+        per-position KL K_n over the last dimension (float32). Giving only one of the two logits is an error.
+    """
+    if (logits_p is None) != (logits_q is None):
+        raise ValueError("compute_kl needs both logits_p and logits_q for the RB estimate, or neither for MC.")
+    if logits_p is None:
+        if new_logprobs.shape != ref_logprobs.shape:
+            raise ValueError(
+                f"new_logprobs {tuple(new_logprobs.shape)} and ref_logprobs {tuple(ref_logprobs.shape)} must have the "
+                "same shape."
+            )
+        return new_logprobs - ref_logprobs
+    return token_kl(logits_p, logits_q)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# KL from last hidden states and LM-head weights: neither direction ever holds more than a chunk of [N, V] logits.
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _head_logits(hidden, weight, bias, scale, softcap, temperature, dtype):
+    """Logits of one chunk as the sampler sees them: ((h W^T + b) * scale, soft-capped) / T, in ``dtype``.
+
+    Returns (z, dz/draw) where the derivative is None when the transform is linear.
+    """
+    raw = hidden @ weight.t()
+    if bias is not None:
+        raw = raw + bias
+    z = raw.to(dtype) * (scale / temperature) if softcap is None else raw.to(dtype) * scale
+    if softcap is None:
+        return z, None
+    t = torch.tanh(z / softcap)
+    return softcap * t / temperature, (1 - t * t) * (scale / temperature)
+
+
+class _LinearTokenKL(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hp, wp, bp, hq, wq, bq, temperature, chunk, scale_p, scale_q, cap_p, cap_q, dtype):  # type: ignore[override]
+        n = hp.shape[0]
+        out = torch.empty(n, dtype=dtype, device=hp.device)
+        lse = torch.empty(2, n, dtype=dtype, device=hp.device)
+        for s in range(0, n, chunk):
+            e = min(s + chunk, n)
+            zp, _ = _head_logits(hp[s:e], wp, bp, scale_p, cap_p, temperature, dtype)
+            zq, _ = _head_logits(hq[s:e], wq, bq, scale_q, cap_q, temperature, dtype)
+            out[s:e], lse[0, s:e], lse[1, s:e] = _chunk_kl(zp, zq)
+        ctx.save_for_backward(hp, wp, bp, hq, wq, bq, out, lse)
+        ctx.args = (temperature, chunk, scale_p, scale_q, cap_p, cap_q, dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        hp, wp, bp, hq, wq, bq, out, lse = ctx.saved_tensors
+        temperature, chunk, scale_p, scale_q, cap_p, cap_q, dtype = ctx.args
+        need = ctx.needs_input_grad
+        # Accumulate the weight gradients in float32 (or float64) whatever the parameter dtype.
+        grads = [
+            torch.zeros(x.shape, dtype=dtype, device=x.device) if (x is not None and need[i]) else None
+            for i, x in enumerate((hp, wp, bp, hq, wq, bq))
+        ]
+        for s in range(0, hp.shape[0], chunk):
+            e = min(s + chunk, hp.shape[0])
+            zp, dp = _head_logits(hp[s:e], wp, bp, scale_p, cap_p, temperature, dtype)
+            zq, dq = _head_logits(hq[s:e], wq, bq, scale_q, cap_q, temperature, dtype)
+            gzp, gzq = _chunk_kl_grads(zp, zq, out[s:e], lse[0, s:e], lse[1, s:e], grad_out[s:e].to(dtype))
+            for offset, gz, deriv, scale, h, w in ((0, gzp, dp, scale_p, hp, wp), (3, gzq, dq, scale_q, hq, wq)):
+                if not any(need[offset : offset + 3]):
+                    continue
+                graw = gz * deriv if deriv is not None else gz * (scale / temperature)
+                if need[offset]:
+                    grads[offset][s:e] = (graw.to(w.dtype) @ w).to(dtype)
+                if need[offset + 1]:
+                    grads[offset + 1] += graw.t() @ h[s:e].to(dtype)
+                if grads[offset + 2] is not None:
+                    grads[offset + 2] += graw.sum(0)
+        cast = [g.to(x.dtype) if g is not None else None for g, x in zip(grads, (hp, wp, bp, hq, wq, bq))]
+        return (*cast, None, None, None, None, None, None, None)
+
+
+def linear_token_kl(
+    hidden_p: torch.Tensor,
+    weight_p: torch.Tensor,
+    hidden_q: torch.Tensor,
+    weight_q: torch.Tensor,
+    *,
+    bias_p: torch.Tensor | None = None,
+    bias_q: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+    logit_scale_p: float = 1.0,
+    logit_scale_q: float = 1.0,
+    softcap_p: float | None = None,
+    softcap_q: float | None = None,
+) -> torch.Tensor:
+    """Exact per-position KL(p || q) from last hidden states and LM-head weights, without [N, V] logits.
+
+    The logits of each model are ``z = softcap * tanh((h @ W.T + b) * logit_scale / softcap) / T`` (the soft-cap
+    only when given), the transform trl's fused LM head applies. Positions are processed in chunks; the backward
+    recomputes each chunk's logits, so neither direction holds more than a few [chunk, V] float32 tensors.
+
+    Args:
+        hidden_p: policy last hidden states [..., H_p], aligned so that position i predicts token i (i.e. the
+            hidden state *before* each completion token).
+        weight_p: policy LM-head weight [V, H_p]; bias_p optional [V].
+        hidden_q: reference last hidden states [..., H_q] (same leading shape as hidden_p); weight_q [V, H_q].
+        temperature: the sampling temperature.
+        chunk_size: positions per chunk (default about 2**20 / V).
+        logit_scale_p, logit_scale_q, softcap_p, softcap_q: per-model logit scaling and soft-capping (e.g. the
+            config's ``logit_scale`` and ``final_logit_softcapping``).
+
+    Returns:
+        [...] float32 (float64 if any input is float64). Differentiable with respect to every hidden state, weight
+        and bias that requires grad; the matrix products run in the weights' dtype, the softmax math in float32.
+    """
+    for name, t in (("hidden_p", hidden_p), ("weight_p", weight_p), ("hidden_q", hidden_q), ("weight_q", weight_q)):
+        _check_float(name, t)
+    _check_temperature(temperature)
+    if weight_p.dim() != 2 or weight_q.dim() != 2:
+        raise ValueError(f"weights must be [V, H], got weight_p {tuple(weight_p.shape)} and weight_q {tuple(weight_q.shape)}.")
+    if weight_p.shape[0] != weight_q.shape[0]:
+        raise ValueError(
+            f"weight_p {tuple(weight_p.shape)} and weight_q {tuple(weight_q.shape)} have different vocabulary sizes; "
+            "both models must share one vocabulary."
+        )
+    if hidden_p.shape[-1] != weight_p.shape[1] or hidden_q.shape[-1] != weight_q.shape[1]:
+        raise ValueError(
+            f"hidden sizes do not match the heads: hidden_p {tuple(hidden_p.shape)} vs weight_p {tuple(weight_p.shape)}, "
+            f"hidden_q {tuple(hidden_q.shape)} vs weight_q {tuple(weight_q.shape)}."
+        )
+    if hidden_p.shape[:-1] != hidden_q.shape[:-1]:
+        raise ValueError(
+            f"hidden_p {tuple(hidden_p.shape)} and hidden_q {tuple(hidden_q.shape)} must cover the same positions."
+        )
+    for cap in (softcap_p, softcap_q):
+        if cap is not None and not cap > 0:
+            raise ValueError(f"softcap must be > 0 or None, got {cap!r}.")
+    vocab = weight_p.shape[0]
+    chunk = _default_chunk(vocab, chunk_size)
+    dtype = _compute_dtype(hidden_p, weight_p, hidden_q, weight_q)
+    lead = hidden_p.shape[:-1]
+    flat = _LinearTokenKL.apply(
+        hidden_p.reshape(-1, hidden_p.shape[-1]),
+        weight_p,
+        bias_p,
+        hidden_q.reshape(-1, hidden_q.shape[-1]),
+        weight_q,
+        bias_q,
+        float(temperature),
+        chunk,
+        float(logit_scale_p),
+        float(logit_scale_q),
+        softcap_p,
+        softcap_q,
+        dtype,
+    )
+    return flat.view(lead)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Per-sequence estimators and gradient surrogates.
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class _TokenLogprob(torch.autograd.Function):
+    """log softmax(logits / T)[token] at every position, chunked; [N, V], [N] -> [N]."""
+
+    @staticmethod
+    def forward(ctx, logits, tokens, temperature, chunk, dtype):  # type: ignore[override]
+        n = logits.shape[0]
+        lse = torch.empty(n, dtype=dtype, device=logits.device)
+        for s in range(0, n, chunk):
+            lse[s : s + chunk] = torch.logsumexp(_scale(logits[s : s + chunk], temperature, dtype), dim=-1)
+        picked = _scale(logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1), temperature, dtype)
+        ctx.save_for_backward(logits, tokens, lse)
+        ctx.temperature, ctx.chunk, ctx.dtype = temperature, chunk, dtype
+        return picked - lse
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        logits, tokens, lse = ctx.saved_tensors
+        t, chunk, dtype = ctx.temperature, ctx.chunk, ctx.dtype
+        grad = torch.empty_like(logits)
+        for s in range(0, logits.shape[0], chunk):
+            g = grad_out[s : s + chunk].to(dtype).unsqueeze(-1)
+            probs = torch.exp(_scale(logits[s : s + chunk], t, dtype) - lse[s : s + chunk].unsqueeze(-1))
+            grad[s : s + chunk] = (-g * probs / t).to(logits.dtype)
+        grad.scatter_add_(-1, tokens.unsqueeze(-1), (grad_out.to(dtype).unsqueeze(-1) / t).to(logits.dtype))
+        return grad, None, None, None, None
+
+
+def token_logprobs(
+    logits: torch.Tensor, tokens: torch.Tensor, *, temperature: float = 1.0, chunk_size: int | None = None
+) -> torch.Tensor:
+    """log softmax(logits / T)[tokens] at every position, chunked over positions.
+
+    Args:
+        logits: [..., V] floating; tokens: [...] integer ids, completion-aligned with the logits.
+
+    Returns:
+        [...] float32 (float64 for float64 logits), differentiable with respect to the logits.
+    """
+    _check_float("logits", logits)
+    _check_temperature(temperature)
+    _check_tokens(logits, tokens, None)
+    vocab = logits.shape[-1]
+    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab):
+        raise ValueError(f"token ids must lie in [0, {vocab}) for logits {tuple(logits.shape)}; got ids in "
+                         f"[{int(tokens.min())}, {int(tokens.max())}]. Replace padding ids with a valid id and mask them.")
+    chunk = _default_chunk(vocab, chunk_size)
+    out = _TokenLogprob.apply(
+        logits.reshape(-1, vocab), tokens.reshape(-1).long(), float(temperature), chunk, _compute_dtype(logits)
+    )
+    return out.view(tokens.shape)
+
+
+def sequence_kl_terms(
+    logits_p: torch.Tensor,
+    logits_q: torch.Tensor,
+    tokens: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    need_rb: bool = True,
+    chunk_size: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """The per-position quantities every estimator is built from, masked to 0 on padding.
+
+    Returns a dict of [B, T] tensors: ``logp`` (log p_n(y_n), with gradient to logits_p), ``r`` (r_n, detached
+    from nothing: it carries gradient to both inputs), and, with ``need_rb``, ``K`` (K_n).
+    """
+    _check_logits_pair(logits_p, logits_q)
+    _check_tokens(logits_p, tokens, mask)
+    m = mask.bool()
+    safe_tokens = torch.where(m, tokens, torch.zeros_like(tokens))
+    logp = token_logprobs(logits_p, safe_tokens, temperature=temperature, chunk_size=chunk_size)
+    logq = token_logprobs(logits_q, safe_tokens, temperature=temperature, chunk_size=chunk_size)
+    zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
+    out = {"logp": torch.where(m, logp, zero), "r": torch.where(m, logp - logq, zero)}
+    if need_rb:
+        k = token_kl(logits_p, logits_q, temperature=temperature, chunk_size=chunk_size)
+        out["K"] = torch.where(m, k, zero)
+    return out
+
+
+def _reverse_cumsum(x: torch.Tensor) -> torch.Tensor:
+    """sum_{m >= n} x_m along the last dimension."""
+    return x.flip(-1).cumsum(-1).flip(-1)
+
+
+def _value_from_terms(estimator: str, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+    r = terms["r"]
+    if estimator == "k1":
+        return r.sum(-1)
+    if estimator == "k2":
+        return (0.5 * r * r).sum(-1)
+    if estimator == "k3":
+        # exp(-r) - 1 + r on padding (r = 0) is 0, so no extra masking is needed.
+        return torch.expm1(-r).add(r).sum(-1)
+    if estimator == "cv":
+        big_r = r.sum(-1)
+        return big_r + torch.expm1(-big_r)
+    return terms["K"].sum(-1)
+
+
+def kl_estimate(
+    logits_p: torch.Tensor,
+    logits_q: torch.Tensor,
+    tokens: torch.Tensor,
+    mask: torch.Tensor,
+    estimator: str = "rb",
+    *,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Per-sequence estimate of KL(p || q) from one sampled completion per row.
+
+    Args:
+        logits_p, logits_q: [B, T, V] policy and reference logits, completion-aligned with ``tokens``.
+        tokens: [B, T] sampled completion ids (drawn from p at ``temperature``).
+        mask: [B, T], 1 for real completion tokens (EOS included), 0 for padding.
+        estimator: ``k1`` (alias ``mc``): sum r_n; ``k2``: sum r_n^2 / 2 (biased); ``k3``: sum exp(-r_n) - 1 + r_n;
+            ``cv``: R + exp(-R) - 1 with R = sum r_n; ``rb`` (alias ``full``): sum K_n. Case-insensitive.
+        temperature: the sampling temperature.
+
+    Returns:
+        [B] float32 (float64 for float64 logits). Average over rows (and prompts) for the KL estimate.
+    """
+    name = canonical_estimator(estimator)
+    _check_temperature(temperature)
+    with torch.no_grad():
+        terms = sequence_kl_terms(
+            logits_p, logits_q, tokens, mask, temperature=temperature, need_rb=name == "rb", chunk_size=chunk_size
+        )
+        return _value_from_terms(name, terms)
+
+
+def kl_surrogate(
+    logits_p: torch.Tensor,
+    logits_q: torch.Tensor,
+    tokens: torch.Tensor,
+    mask: torch.Tensor,
+    estimator: str = "rb",
+    *,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Per-sequence surrogate: its value is ``kl_estimate``, its gradient with respect to ``logits_p`` an estimator
+    of the gradient of KL(p || q) with respect to the policy. The reference logits are treated as constants.
+
+    With ``sg`` the stop-gradient and ``l_n = log p_n(y_n)``:
+
+    - ``k1``: ``sg(sum r_n) + sum_n (l_n - sg l_n) * sg(sum_{m>=n} r_m)``: the unbiased score-function (MC) gradient.
+    - ``rb``: ``sum_n K_n + sum_n (l_n - sg l_n) * sg(sum_{m>n} K_m)``: the unbiased Rao-Blackwellized gradient,
+      whose mean squared error is no larger than k1's.
+    - ``k2``, ``k3``, ``cv``: the value differentiated with the sampled tokens held fixed, as trainers do when they
+      put them in the loss. ``k2`` gives sum_n r_n grad l_n, whose mean is the sum of the per-step KL gradients with
+      the prefix fixed (no score term for later steps): biased for the sequence KL. ``k3`` gives
+      sum_n (1 - exp(-r_n)) grad l_n, whose mean is -sum_n sum_v q_n(v) grad log p_n(v), the gradient of a
+      cross-entropy toward q: biased. ``cv`` gives (1 - exp(-R)) sum_n grad l_n: biased.
+
+    Args and shapes as ``kl_estimate``. Returns [B], differentiable with respect to ``logits_p``.
+    """
+    name = canonical_estimator(estimator)
+    terms = sequence_kl_terms(
+        logits_p, logits_q.detach(), tokens, mask, temperature=temperature, need_rb=name == "rb", chunk_size=chunk_size
+    )
+    logp = terms["logp"]
+    score = logp - logp.detach()  # value 0, gradient grad l_n
+    if name == "k1":
+        r = terms["r"].detach()
+        return r.sum(-1) + (score * _reverse_cumsum(r)).sum(-1)
+    if name == "rb":
+        k = terms["K"]
+        future = _reverse_cumsum(k.detach()) - k.detach()  # sum_{m > n} K_m
+        return k.sum(-1) + (score * future).sum(-1)
+    return _value_from_terms(name, terms)

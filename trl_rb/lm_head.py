@@ -1,0 +1,133 @@
+"""What the RB KL needs from a causal LM inside trl's trainers: its LM head and its last hidden states.
+
+trl 1.16 patches the policy and the reference with a fused LM head (``add_fused_lm_head``): their forward returns
+per-token log-probs and never materializes [B, T, V] logits. The exact per-position KL is computed instead from
+the last hidden states (caught by a forward hook on the backbone during trl's own forward, so no extra forward
+pass) and the LM-head weights, with ``trl_rb.kl.linear_token_kl``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = ["HeadParams", "capture_last_hidden", "completion_hidden", "head_params", "unwrap_causal_lm"]
+
+
+@dataclass
+class HeadParams:
+    """The LM head of a causal LM as the sampler sees it: logits = softcap(h @ weight.T + bias) * logit_scale.
+
+    Attributes:
+        weight: [V, H] LM-head weight (a live parameter: gradients flow into it).
+        bias: [V] or None.
+        logit_scale: multiplier applied to the raw logits (1.0 for most models).
+        softcap: ``final_logit_softcapping`` (Gemma-2 style ``cap * tanh(z / cap)``), or None.
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    logit_scale: float = 1.0
+    softcap: float | None = None
+
+
+def unwrap_causal_lm(model: nn.Module) -> nn.Module:
+    """The transformers model under PEFT / accelerate wrappers (the one trl patches with its fused head)."""
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP / DeepSpeed engines
+        model = model.module
+    get_base = getattr(model, "get_base_model", None)
+    if callable(get_base) and hasattr(model, "peft_config"):
+        model = get_base()
+    return model
+
+
+def _logit_scale(text_config) -> float:
+    # The same config fields trl's fused head reads, so the KL uses the logits the completions were sampled from.
+    scale = getattr(text_config, "logit_scale", None)
+    if scale is None:
+        scale = getattr(text_config, "output_multiplier", None)
+    if scale is None:
+        scale = getattr(text_config, "lm_head_multiplier", None)
+    if scale is None and getattr(text_config, "logits_scaling", None) is not None:
+        scaling = text_config.logits_scaling
+        scale = scaling if getattr(text_config, "model_type", None) == "hyperclovax" else 1 / scaling
+    return 1.0 if scale is None else float(scale)
+
+
+def head_params(model: nn.Module) -> HeadParams:
+    """The LM head of ``model`` (PEFT- or accelerate-wrapped models are unwrapped).
+
+    Raises:
+        ValueError: when the model has no linear output embedding (e.g. a tied head that is not an ``nn.Linear``-like
+            module with a ``weight`` of shape [V, H]).
+    """
+    lm = unwrap_causal_lm(model)
+    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+    weight = getattr(head, "weight", None)
+    if weight is None or weight.dim() != 2:
+        raise ValueError(
+            f"{type(lm).__name__} has no linear LM head (get_output_embeddings() returned {type(head).__name__}); the "
+            "RB KL needs one to compute next-token distributions from hidden states. Use kl_estimator='k1'."
+        )
+    if type(weight).__name__ == "DTensor":
+        raise ValueError(
+            "The LM head is sharded (FSDP2 DTensor); the RB KL does not gather it yet. Use kl_estimator='k1' with FSDP."
+        )
+    # A LoRA adapter on the LM head changes the logits without changing `weight`: refuse rather than be silently wrong.
+    if hasattr(head, "lora_A") and len(getattr(head, "lora_A", {})) > 0:
+        raise ValueError(
+            "The LM head carries a LoRA adapter; the RB KL reads the head's base weight only. Leave lm_head out of "
+            "the LoRA target_modules, or use kl_estimator='k1'."
+        )
+    config = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
+    return HeadParams(
+        weight=weight,
+        bias=getattr(head, "bias", None),
+        logit_scale=_logit_scale(config),
+        softcap=getattr(config, "final_logit_softcapping", None),
+    )
+
+
+def _backbone(lm: nn.Module) -> nn.Module:
+    backbone = getattr(lm, "base_model", None)
+    if backbone is None or backbone is lm:
+        get_decoder = getattr(lm, "get_decoder", None)
+        backbone = get_decoder() if callable(get_decoder) else None
+    if backbone is None or backbone is lm:
+        raise ValueError(f"Cannot find the backbone of {type(lm).__name__} to read its last hidden states.")
+    return backbone
+
+
+@contextmanager
+def capture_last_hidden(model: nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Collect the backbone's last hidden state [b, L, H] of every forward of ``model`` run inside the block.
+
+    The list yielded fills with one tensor per forward call, in call order (trl scores in mini-batches). The tensors
+    keep their autograd graph when the forward runs with gradients enabled.
+    """
+    captured: list[torch.Tensor] = []
+
+    def hook(_module, _args, output):
+        hidden = getattr(output, "last_hidden_state", None)
+        if hidden is None:
+            hidden = output[0] if isinstance(output, (tuple, list)) else output
+        captured.append(hidden)
+
+    handle = _backbone(unwrap_causal_lm(model)).register_forward_hook(hook)
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+def completion_hidden(hidden: torch.Tensor, logits_to_keep: int) -> torch.Tensor:
+    """Hidden states [B, L, H] of prompt + completion -> the [B, C, H] that predict the C completion tokens.
+
+    Position i of the result is the hidden state just before completion token i (the same alignment as the logits
+    of ``logits_to_keep`` in trl), so ``linear_token_kl`` of it is completion-aligned.
+    """
+    return hidden[:, -logits_to_keep - 1 : -1]
