@@ -1,0 +1,237 @@
+"""``trl-rb estimate`` end to end on tiny GPT-2 models saved to temporary folders: table, JSON, CSV and PNG, and
+exit code 2 with a clear message on bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+from enumerable import tiny_gpt2, tiny_gpt2_pair
+from test_estimate import tiny_tokenizer
+
+from trl_rb.cli import main as trl_rb_main
+from trl_rb.estimate_cli import main
+
+ESTIMATOR_KEYS = {"mean", "std", "se", "ci95", "frac_negative", "var_ratio_vs_k1", "std_m", "std_m_formula"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny models: threads only add synchronisation, and on a shared machine they can make runs 10x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("estimate-cli")
+    policy, reference = tiny_gpt2_pair(4, seed=1)
+    for model, name, tok in (
+        (policy, "policy", tiny_tokenizer()),
+        (reference, "reference", tiny_tokenizer()),
+        (tiny_gpt2(5, seed=3), "other-vocab", tiny_tokenizer(("a", "b", "c", "d"))),
+        (reference, "swapped-tokens", tiny_tokenizer(("b", "a", "c"))),
+    ):
+        model.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+    (root / "prompts.txt").write_text("a b\n\nc\nb c a\n")
+    return root
+
+
+def _run(capsys, argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_end_to_end_with_exact_json_csv_png(models, tmp_path, capsys):
+    out_json = tmp_path / "res" / "kl.json"
+    code, out, err = _run(
+        capsys,
+        [
+            "--policy",
+            models / "policy",
+            "--reference",
+            models / "reference",
+            "--prompts",
+            models / "prompts.txt",
+            "--samples-per-prompt",
+            10,
+            "--max-new-tokens",
+            3,
+            "--batch-size",
+            16,
+            "--exact",
+            "--output",
+            out_json,
+            "--no-progress",
+        ],
+    )
+    assert code == 0, err
+    assert "exact KL =" in out and "std@M=10" in out
+    for name in ("k1", "k2", "k3", "cv", "cv_opt", "rb"):
+        assert any(line.startswith(name + " ") for line in out.splitlines()), name
+    data = json.loads(out_json.read_text())
+    assert set(data["estimators"]) == {"k1", "k2", "k3", "cv", "cv_opt", "rb"}
+    for entry in data["estimators"].values():
+        assert ESTIMATOR_KEYS | {"bias", "z"} <= set(entry)
+        assert len(entry["ci95"]) == 2 and entry["ci95"][0] <= entry["mean"] <= entry["ci95"][1]
+        assert set(entry["std_m"]) == {"1", "5", "10"}
+    assert data["n_prompts"] == 3 and data["samples_per_prompt"] == 10
+    assert data["m_table"]["m_values"] == [1, 5, 10]
+    assert isinstance(data["exact_kl"], float) and len(data["exact_kl_per_prompt"]) == 3
+    assert data["policy"] == str(models / "policy") and data["reference"] == str(models / "reference")
+    assert data["estimators"]["k1"]["var_ratio_vs_k1"] == 1.0
+    with open(out_json.with_suffix(".csv"), newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 30
+    assert set(rows[0]) == {
+        "prompt_index",
+        "sample_index",
+        "completion_tokens",
+        "completion",
+        "k1",
+        "k2",
+        "k3",
+        "cv",
+        "cv_opt",
+        "rb",
+    }
+    mean_k1 = sum(float(r["k1"]) for r in rows) / 30
+    assert mean_k1 == pytest.approx(data["estimators"]["k1"]["mean"], rel=1e-9)
+    assert out_json.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not [p.name for p in out_json.parent.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_jsonl_prompts_estimator_subset_and_the_cli_dispatcher(models, tmp_path, capsys):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "a"}\n{"prompt": "c b"}\n')
+    code = trl_rb_main(
+        [
+            "estimate",
+            "--policy",
+            str(models / "policy"),
+            "--reference",
+            str(models / "reference"),
+            "--prompts",
+            str(prompts),
+            "--samples-per-prompt",
+            "4",
+            "--max-new-tokens",
+            "2",
+            "--estimators",
+            "RB,mc",
+            "--m-values",
+            "1,2",
+            "--no-progress",
+            "--output",
+            str(tmp_path / "o.json"),
+        ]
+    )
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    data = json.loads((tmp_path / "o.json").read_text())
+    assert list(data["estimators"]) == ["rb", "k1"] and data["n_prompts"] == 2
+
+
+def test_dataset_folder(models, tmp_path, capsys):
+    from datasets import Dataset, DatasetDict
+
+    DatasetDict(
+        {"train": Dataset.from_dict({"prompt": ["a"]}), "test": Dataset.from_dict({"prompt": ["b", "c"]})}
+    ).save_to_disk(tmp_path / "ds")
+    code, out, err = _run(
+        capsys,
+        [
+            "--policy",
+            models / "policy",
+            "--reference",
+            models / "reference",
+            "--dataset",
+            tmp_path / "ds",
+            "--samples-per-prompt",
+            2,
+            "--max-new-tokens",
+            2,
+            "--estimators",
+            "k1",
+            "--no-progress",
+        ],
+    )
+    assert code == 0, err
+    assert "over 2 prompts" in out  # the test split
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"--policy": "{root}/missing"}, "no such model folder: {root}/missing"),
+        ({"--reference": "{root}/other-vocab"}, "policy's has 4 tokens, the reference's 5"),
+        ({"--reference": "{root}/swapped-tokens"}, "'a': policy id 0, reference id 1"),
+        ({"--prompts": "{root}/empty.txt"}, "no prompts in"),
+        ({"--prompts": "{root}/long.txt"}, "Prompt 1 is 40 tokens long"),
+        ({"--prompts": "{root}/bad.jsonl"}, "line 2 has no string 'prompt' field"),
+        ({"--prompts": "{root}/nope.txt"}, "no such file"),
+        ({"--estimators": "k1,k9"}, "Unknown KL estimator 'k9'"),
+        ({"--max-new-tokens": "20", "--exact": None}, "--exact enumerates every completion"),
+        ({"--prompts": None, "--dataset": "{root}/nope"}, "no such folder"),
+    ],
+)
+def test_bad_input_exits_2_with_a_message(models, capsys, overrides, message):
+    root = models
+    (root / "empty.txt").write_text("\n\n")
+    (root / "long.txt").write_text("a\n" + " ".join(["b"] * 40) + "\n")
+    (root / "bad.jsonl").write_text('{"prompt": "a"}\n{"text": "b"}\n')
+    argv = {
+        "--policy": "{root}/policy",
+        "--reference": "{root}/reference",
+        "--prompts": "{root}/prompts.txt",
+        "--samples-per-prompt": "2",
+        "--max-new-tokens": "3",
+        "--no-progress": None,
+    }
+    argv.update(overrides)
+    args = []
+    for flag, value in argv.items():
+        if flag in overrides and value is None and flag != "--exact":
+            continue  # an override of None removes the flag
+        args += [flag] if value is None else [flag, value.format(root=root)]
+    code, out, err = _run(capsys, args)
+    assert code == 2
+    assert message.format(root=root) in err, err
+    assert "Traceback" not in err
+
+
+def test_argparse_errors_return_2(capsys):
+    assert main([]) == 2  # --policy is required
+    assert "--policy" in capsys.readouterr().err
+
+
+def _review_lm_ready() -> bool:
+    from trl_rb.review_lm import review_lm_path
+
+    return (review_lm_path() / "config.json").is_file() and (review_lm_path() / "tokenizer.json").is_file()
+
+
+@pytest.mark.skipif(
+    not _review_lm_ready(), reason="the review LM is not built yet (building it is not worth test time)"
+)
+def test_default_reference_is_the_review_lm(tmp_path, capsys):
+    """Without --reference and --prompts: the review LM and its test prompts. Policy = the review LM, so KL = 0."""
+    from trl_rb.review_lm import review_lm_path
+
+    out_json = tmp_path / "kl.json"
+    code, out, err = _run(capsys, [
+        "--policy", review_lm_path(), "--max-prompts", 3, "--samples-per-prompt", 2, "--max-new-tokens", 6,
+        "--no-progress", "--output", out_json,
+    ])  # fmt: skip
+    assert code == 0, err
+    data = json.loads(out_json.read_text())
+    assert data["reference"].startswith("review LM") and data["prompts"] == "review_prompts('test')"
+    assert data["n_prompts"] == 3
+    for entry in data["estimators"].values():
+        assert abs(entry["mean"]) < 1e-6
