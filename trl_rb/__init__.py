@@ -35,6 +35,9 @@ _LAZY = {
     "build_review_lm": "trl_rb.review_lm",
     "load_review_lm": "trl_rb.review_lm",
     "vader_reward": "trl_rb.rewards",
+    "classifier_reward": "trl_rb.rewards",
+    "review_prompts": "trl_rb.review_lm",
+    "review_lm_path": "trl_rb.review_lm",
 }
 
 __all__ = [
