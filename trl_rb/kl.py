@@ -41,9 +41,13 @@ ESTIMATORS: dict[str, tuple[str, ...]] = {
 }
 _ALIASES = {alias: name for name, aliases in ESTIMATORS.items() for alias in (name, *aliases)}
 
-# Elements of a [chunk, V] float32 temporary: 2**20 (4 MiB) keeps the handful of live temporaries in a chunk
-# within a few tens of MiB while leaving each torch op enough work to amortise its dispatch.
-_CHUNK_ELEMENTS = 2**20
+# Elements of a [chunk, V] float32 temporary for the logits-based functions: 2**18 (1 MiB) keeps a chunk's few live
+# temporaries in the L2 cache, which measured fastest (2**16 .. 2**21 tried, V = 50257 and 151936, see
+# benchmarks/bench_kl.py), and bounds the extra memory at a few MiB whatever the number of positions.
+_CHUNK_ELEMENTS = 2**18
+# linear_token_kl multiplies each chunk of hidden states by the whole LM-head weight: more rows per chunk amortise
+# reading the weight, so its chunks are larger (4 MiB temporaries).
+_LINEAR_CHUNK_ELEMENTS = 2**20
 
 
 def canonical_estimator(name: str, allowed: tuple[str, ...] | None = None) -> str:
@@ -116,9 +120,9 @@ def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def _default_chunk(vocab: int, chunk_size: int | None) -> int:
+def _default_chunk(vocab: int, chunk_size: int | None, elements: int | None = None) -> int:
     if chunk_size is None:
-        return max(1, _CHUNK_ELEMENTS // max(vocab, 1))
+        return max(1, (elements or _CHUNK_ELEMENTS) // max(vocab, 1))
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}.")
     return chunk_size
@@ -129,50 +133,62 @@ def _default_chunk(vocab: int, chunk_size: int | None) -> int:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _chunk_kl(zp: torch.Tensor, zq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Exact KL(softmax(zp) || softmax(zq)) row by row, from already scaled float logits [n, V].
+def _chunk_kl(zp: torch.Tensor, zq: torch.Tensor) -> torch.Tensor:
+    """Exact KL(softmax(zp) || softmax(zq)) row by row, from already scaled float logits [n, V] -> [n].
 
-    Returns (kl, lse_p, lse_q), each [n]. Uses KL = sum_v p_v (zp_v - zq_v) - lse_p + lse_q, reusing the
-    exponentials of the logsumexp of zp, so the only work beyond two logsumexps is one fused dot product.
+    sum_v p_v (log p_v - log q_v) with both log-probabilities from the fused log_softmax kernel (one pass each,
+    faster than torch.logsumexp, and relative to each row's max, so logits of magnitude 1e4 lose no precision to a
+    large common offset). Three [n, V] temporaries: log p, log q (reused for the difference), p.
     """
-    max_p = zp.amax(dim=-1, keepdim=True)
-    # A row of all -inf has no distribution; keep its max finite so the exp below gives zeros, not NaN.
-    max_p = torch.where(torch.isfinite(max_p), max_p, torch.zeros_like(max_p))
-    e = torch.exp(zp - max_p)
-    s = e.sum(-1)
-    lse_p = max_p.squeeze(-1) + torch.log(s)
-    lse_q = torch.logsumexp(zq, dim=-1)
-    diff = zp - zq
-    dot = torch.linalg.vecdot(e, diff)
-    bad = torch.isnan(dot)
+    logp = torch.log_softmax(zp, dim=-1)
+    logq = torch.log_softmax(zq, dim=-1)
+    p = torch.exp(logp)
+    diff = torch.sub(logp, logq, out=logq)
+    kl = torch.linalg.vecdot(p, diff)
+    bad = torch.isnan(kl)
     if bad.any():
-        # 0 * (-inf - -inf): vocabulary entries where p is 0 contribute 0, not NaN. Only rows that hit it pay.
+        # Only rows that hit 0 * inf pay for this. Entries where p is exactly 0 (logit -inf) contribute 0, not NaN;
+        # entries where q is 0 and p > 0 contribute +inf, even when p underflows to 0 in float32. A NaN logit still
+        # gives NaN.
         rows = bad.nonzero().squeeze(-1)
-        e_bad = e[rows]
-        dot = dot.index_put((rows,), torch.where(e_bad > 0, e_bad * diff[rows], torch.zeros_like(e_bad)).sum(-1))
-    kl = dot / s - lse_p + lse_q
-    return kl, lse_p, lse_q
+        lp, d = logp[rows], diff[rows]
+        contrib = torch.where(torch.isinf(d), d, p[rows] * d).masked_fill_(lp == -math.inf, 0)
+        kl = kl.index_put((rows,), contrib.sum(-1))
+    return kl
 
 
 def _chunk_kl_grads(
-    zp: torch.Tensor, zq: torch.Tensor, kl: torch.Tensor, lse_p: torch.Tensor, lse_q: torch.Tensor, g: torch.Tensor
+    zp: torch.Tensor, zq: torch.Tensor, kl: torch.Tensor, g: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of sum_rows g * KL(softmax(zp) || softmax(zq)) with respect to zp and zq, each [n, V].
 
-    d KL / d zp_v = p_v (log p_v - log q_v - KL);  d KL / d zq_v = q_v - p_v.
+    d KL / d zp_v = p_v (log p_v - log q_v - KL);  d KL / d zq_v = q_v - p_v. Recomputed from the logits (nothing
+    but the KL values is saved by the forward), in place where possible.
     """
-    logp = zp - lse_p.unsqueeze(-1)
+    logp = torch.log_softmax(zp, dim=-1)
     p = torch.exp(logp)
-    log_ratio = logp - (zq - lse_q.unsqueeze(-1))
-    term = torch.where(p > 0, p * (log_ratio - kl.unsqueeze(-1)), torch.zeros_like(p))
-    grad_zp = g.unsqueeze(-1) * term
-    grad_zq = g.unsqueeze(-1) * (torch.exp(zq - lse_q.unsqueeze(-1)) - p)
+    logq = torch.log_softmax(zq, dim=-1)
+    g = g.unsqueeze(-1)
+    grad_zp = logp.sub_(logq).sub_(kl.unsqueeze(-1)).mul_(p).masked_fill_(p == 0, 0).mul_(g)
+    grad_zq = logq.exp_().sub_(p).mul_(g)
+    unused = g.squeeze(-1) == 0
+    if unused.any():
+        # Rows the loss does not use (e.g. masked padding) get exactly 0, even where their KL is +inf or NaN.
+        grad_zp[unused] = 0
+        grad_zq[unused] = 0
     return grad_zp, grad_zq
 
 
 def _scale(z: torch.Tensor, temperature: float, dtype: torch.dtype) -> torch.Tensor:
-    z = z.to(dtype)
-    return z / temperature if temperature != 1.0 else z
+    """(z - rowmax(z)) / T as a new ``dtype`` tensor [n, V]: the same softmax, in at most two passes over z.
+
+    Subtracting the row max first matters for precision, not range: torch's log_softmax computes
+    z - (max + log sum exp), which rounds at the scale of the max (1e-3 for logits near 1e4 in float32); on centred
+    logits the max is 0 and log-probabilities keep full relative precision.
+    """
+    m = torch.nan_to_num(z.amax(dim=-1, keepdim=True).to(dtype), nan=0.0, posinf=0.0, neginf=0.0)
+    out = z.to(dtype).sub_(m) if z.dtype != dtype else z - m
+    return out.div_(temperature) if temperature != 1.0 else out
 
 
 class _TokenKL(torch.autograd.Function):
@@ -182,18 +198,16 @@ class _TokenKL(torch.autograd.Function):
     def forward(ctx, logits_p, logits_q, temperature, chunk, dtype):  # type: ignore[override]
         n = logits_p.shape[0]
         out = torch.empty(n, dtype=dtype, device=logits_p.device)
-        lse = torch.empty(2, n, dtype=dtype, device=logits_p.device)
         for s in range(0, n, chunk):
             e = min(s + chunk, n)
-            kl, lse_p, lse_q = _chunk_kl(_scale(logits_p[s:e], temperature, dtype), _scale(logits_q[s:e], temperature, dtype))
-            out[s:e], lse[0, s:e], lse[1, s:e] = kl, lse_p, lse_q
-        ctx.save_for_backward(logits_p, logits_q, out, lse)
+            out[s:e] = _chunk_kl(_scale(logits_p[s:e], temperature, dtype), _scale(logits_q[s:e], temperature, dtype))
+        ctx.save_for_backward(logits_p, logits_q, out)
         ctx.temperature, ctx.chunk, ctx.dtype = temperature, chunk, dtype
         return out
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
-        logits_p, logits_q, out, lse = ctx.saved_tensors
+        logits_p, logits_q, out = ctx.saved_tensors
         need_p, need_q = ctx.needs_input_grad[:2]
         t, chunk, dtype = ctx.temperature, ctx.chunk, ctx.dtype
         grad_p = torch.empty_like(logits_p) if need_p else None
@@ -204,8 +218,6 @@ class _TokenKL(torch.autograd.Function):
                 _scale(logits_p[s:e], t, dtype),
                 _scale(logits_q[s:e], t, dtype),
                 out[s:e],
-                lse[0, s:e],
-                lse[1, s:e],
                 grad_out[s:e].to(dtype),
             )
             if need_p:
@@ -224,8 +236,8 @@ def token_kl(
         logits_p: policy logits, shape [..., V], any floating dtype (bf16 / fp16 / fp32 / fp64).
         logits_q: reference logits, the same shape.
         temperature: the sampling temperature T > 0 (the KL is of the distributions the tokens were drawn from).
-        chunk_size: positions per chunk; by default about 2**20 / V, which bounds the extra memory at a few
-            [chunk, V] float32 temporaries (tens of MiB) whatever the number of positions.
+        chunk_size: positions per chunk; by default about 2**18 / V, which bounds the extra memory at a few
+            [chunk, V] float32 temporaries (a few MiB) whatever the number of positions.
 
     Returns:
         Tensor of shape ``logits_p.shape[:-1]``, float32 (float64 for float64 inputs), differentiable with respect
@@ -283,7 +295,8 @@ def compute_kl(
 
 
 def _head_logits(hidden, weight, bias, scale, softcap, temperature, dtype):
-    """Logits of one chunk as the sampler sees them: ((h W^T + b) * scale, soft-capped) / T, in ``dtype``.
+    """Logits of one chunk as the sampler sees them: ((h W^T + b) * scale, soft-capped) / T, in ``dtype``, minus
+    each row's max (the softmax is unchanged).
 
     Returns (z, dz/draw) where the derivative is None when the transform is linear.
     """
@@ -292,9 +305,14 @@ def _head_logits(hidden, weight, bias, scale, softcap, temperature, dtype):
         raw = raw + bias
     z = raw.to(dtype) * (scale / temperature) if softcap is None else raw.to(dtype) * scale
     if softcap is None:
-        return z, None
+        return _center_(z), None
     t = torch.tanh(z / softcap)
-    return softcap * t / temperature, (1 - t * t) * (scale / temperature)
+    return _center_(softcap * t / temperature), (1 - t * t) * (scale / temperature)
+
+
+def _center_(z: torch.Tensor) -> torch.Tensor:
+    """Subtract each row's max in place (see ``_scale`` for why)."""
+    return z.sub_(torch.nan_to_num(z.amax(dim=-1, keepdim=True), nan=0.0, posinf=0.0, neginf=0.0))
 
 
 class _LinearTokenKL(torch.autograd.Function):
@@ -302,19 +320,18 @@ class _LinearTokenKL(torch.autograd.Function):
     def forward(ctx, hp, wp, bp, hq, wq, bq, temperature, chunk, scale_p, scale_q, cap_p, cap_q, dtype):  # type: ignore[override]
         n = hp.shape[0]
         out = torch.empty(n, dtype=dtype, device=hp.device)
-        lse = torch.empty(2, n, dtype=dtype, device=hp.device)
         for s in range(0, n, chunk):
             e = min(s + chunk, n)
             zp, _ = _head_logits(hp[s:e], wp, bp, scale_p, cap_p, temperature, dtype)
             zq, _ = _head_logits(hq[s:e], wq, bq, scale_q, cap_q, temperature, dtype)
-            out[s:e], lse[0, s:e], lse[1, s:e] = _chunk_kl(zp, zq)
-        ctx.save_for_backward(hp, wp, bp, hq, wq, bq, out, lse)
+            out[s:e] = _chunk_kl(zp, zq)
+        ctx.save_for_backward(hp, wp, bp, hq, wq, bq, out)
         ctx.args = (temperature, chunk, scale_p, scale_q, cap_p, cap_q, dtype)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
-        hp, wp, bp, hq, wq, bq, out, lse = ctx.saved_tensors
+        hp, wp, bp, hq, wq, bq, out = ctx.saved_tensors
         temperature, chunk, scale_p, scale_q, cap_p, cap_q, dtype = ctx.args
         need = ctx.needs_input_grad
         # Accumulate the weight gradients in float32 (or float64) whatever the parameter dtype.
@@ -326,7 +343,7 @@ class _LinearTokenKL(torch.autograd.Function):
             e = min(s + chunk, hp.shape[0])
             zp, dp = _head_logits(hp[s:e], wp, bp, scale_p, cap_p, temperature, dtype)
             zq, dq = _head_logits(hq[s:e], wq, bq, scale_q, cap_q, temperature, dtype)
-            gzp, gzq = _chunk_kl_grads(zp, zq, out[s:e], lse[0, s:e], lse[1, s:e], grad_out[s:e].to(dtype))
+            gzp, gzq = _chunk_kl_grads(zp, zq, out[s:e], grad_out[s:e].to(dtype))
             for offset, gz, deriv, scale, h, w in ((0, gzp, dp, scale_p, hp, wp), (3, gzq, dq, scale_q, hq, wq)):
                 if not any(need[offset : offset + 3]):
                     continue
@@ -337,7 +354,7 @@ class _LinearTokenKL(torch.autograd.Function):
                     grads[offset + 1] += graw.t() @ h[s:e].to(dtype)
                 if grads[offset + 2] is not None:
                     grads[offset + 2] += graw.sum(0)
-        cast = [g.to(x.dtype) if g is not None else None for g, x in zip(grads, (hp, wp, bp, hq, wq, bq))]
+        cast = [g.to(x.dtype) if g is not None else None for g, x in zip(grads, (hp, wp, bp, hq, wq, bq), strict=True)]
         return (*cast, None, None, None, None, None, None, None)
 
 
@@ -399,7 +416,7 @@ def linear_token_kl(
         if cap is not None and not cap > 0:
             raise ValueError(f"softcap must be > 0 or None, got {cap!r}.")
     vocab = weight_p.shape[0]
-    chunk = _default_chunk(vocab, chunk_size)
+    chunk = _default_chunk(vocab, chunk_size, _LINEAR_CHUNK_ELEMENTS)
     dtype = _compute_dtype(hidden_p, weight_p, hidden_q, weight_q)
     lead = hidden_p.shape[:-1]
     flat = _LinearTokenKL.apply(
@@ -431,23 +448,24 @@ class _TokenLogprob(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, tokens, temperature, chunk, dtype):  # type: ignore[override]
         n = logits.shape[0]
-        lse = torch.empty(n, dtype=dtype, device=logits.device)
+        out = torch.empty(n, dtype=dtype, device=logits.device)
         for s in range(0, n, chunk):
-            lse[s : s + chunk] = torch.logsumexp(_scale(logits[s : s + chunk], temperature, dtype), dim=-1)
-        picked = _scale(logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1), temperature, dtype)
-        ctx.save_for_backward(logits, tokens, lse)
+            # log_softmax is relative to the row max: no precision lost to a large common logit offset.
+            logp = torch.log_softmax(_scale(logits[s : s + chunk], temperature, dtype), dim=-1)
+            out[s : s + chunk] = logp.gather(-1, tokens[s : s + chunk].unsqueeze(-1)).squeeze(-1)
+        ctx.save_for_backward(logits, tokens)
         ctx.temperature, ctx.chunk, ctx.dtype = temperature, chunk, dtype
-        return picked - lse
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
-        logits, tokens, lse = ctx.saved_tensors
+        logits, tokens = ctx.saved_tensors
         t, chunk, dtype = ctx.temperature, ctx.chunk, ctx.dtype
         grad = torch.empty_like(logits)
         for s in range(0, logits.shape[0], chunk):
             g = grad_out[s : s + chunk].to(dtype).unsqueeze(-1)
-            probs = torch.exp(_scale(logits[s : s + chunk], t, dtype) - lse[s : s + chunk].unsqueeze(-1))
-            grad[s : s + chunk] = (-g * probs / t).to(logits.dtype)
+            probs = torch.softmax(_scale(logits[s : s + chunk], t, dtype), dim=-1)
+            grad[s : s + chunk] = probs.mul_(-g / t).to(logits.dtype)
         grad.scatter_add_(-1, tokens.unsqueeze(-1), (grad_out.to(dtype).unsqueeze(-1) / t).to(logits.dtype))
         return grad, None, None, None, None
 

@@ -20,7 +20,9 @@ __all__ = ["HeadParams", "capture_last_hidden", "completion_hidden", "head_param
 
 @dataclass
 class HeadParams:
-    """The LM head of a causal LM as the sampler sees it: logits = softcap(h @ weight.T + bias) * logit_scale.
+    """The LM head of a causal LM as the sampler sees it: logits = softcap((h @ weight.T + bias) * logit_scale).
+
+    The scale is applied before the soft-cap, as in trl's fused head and the models' own forwards.
 
     Attributes:
         weight: [V, H] LM-head weight (a live parameter: gradients flow into it).
