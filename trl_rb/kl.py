@@ -158,9 +158,11 @@ def _chunk_kl(zp: torch.Tensor, zq: torch.Tensor) -> torch.Tensor:
 
 
 def _chunk_kl_grads(
-    zp: torch.Tensor, zq: torch.Tensor, kl: torch.Tensor, g: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+    zp: torch.Tensor, zq: torch.Tensor, kl: torch.Tensor, g: torch.Tensor, need_q: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Gradients of sum_rows g * KL(softmax(zp) || softmax(zq)) with respect to zp and zq, each [n, V].
+
+    ``need_q=False`` skips the reference's gradient (None): trainers never differentiate the reference.
 
     d KL / d zp_v = p_v (log p_v - log q_v - KL);  d KL / d zq_v = q_v - p_v. Recomputed from the logits (nothing
     but the KL values is saved by the forward), in place where possible.
@@ -170,12 +172,13 @@ def _chunk_kl_grads(
     logq = torch.log_softmax(zq, dim=-1)
     g = g.unsqueeze(-1)
     grad_zp = logp.sub_(logq).sub_(kl.unsqueeze(-1)).mul_(p).masked_fill_(p == 0, 0).mul_(g)
-    grad_zq = logq.exp_().sub_(p).mul_(g)
+    grad_zq = logq.exp_().sub_(p).mul_(g) if need_q else None
     unused = g.squeeze(-1) == 0
     if unused.any():
         # Rows the loss does not use (e.g. masked padding) get exactly 0, even where their KL is +inf or NaN.
         grad_zp[unused] = 0
-        grad_zq[unused] = 0
+        if grad_zq is not None:
+            grad_zq[unused] = 0
     return grad_zp, grad_zq
 
 
@@ -219,6 +222,7 @@ class _TokenKL(torch.autograd.Function):
                 _scale(logits_q[s:e], t, dtype),
                 out[s:e],
                 grad_out[s:e].to(dtype),
+                need_q,
             )
             if need_p:
                 grad_p[s:e] = gp / t
@@ -343,7 +347,7 @@ class _LinearTokenKL(torch.autograd.Function):
             e = min(s + chunk, hp.shape[0])
             zp, dp = _head_logits(hp[s:e], wp, bp, scale_p, cap_p, temperature, dtype)
             zq, dq = _head_logits(hq[s:e], wq, bq, scale_q, cap_q, temperature, dtype)
-            gzp, gzq = _chunk_kl_grads(zp, zq, out[s:e], grad_out[s:e].to(dtype))
+            gzp, gzq = _chunk_kl_grads(zp, zq, out[s:e], grad_out[s:e].to(dtype), any(need[3:6]))
             for offset, gz, deriv, scale, h, w in ((0, gzp, dp, scale_p, hp, wp), (3, gzq, dq, scale_q, hq, wq)):
                 if not any(need[offset : offset + 3]):
                     continue
