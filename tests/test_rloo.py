@@ -1,0 +1,382 @@
+"""trl_rb.RLOOTrainer on tiny GPT-2 models built here (CPU): exact gradients on a fixed batch, short training runs,
+PEFT, multiple iterations, checkpoint resume, a user-chosen reference, and two processes."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import peft
+import pytest
+import torch
+import trl
+from datasets import Dataset
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers.utils import logging as hf_logging
+
+from trl_rb.kl import (
+    kl_estimate,
+    linear_token_kl,
+    sequence_kl_terms,
+)
+from trl_rb.lm_head import HeadParams
+from trl_rb.rloo import RLOOConfig, RLOOTrainer
+from trl_rb.trainer_kl import REF_HIDDEN_KEY, token_kl_from_hidden, weighted_kl_sum_from_hidden
+
+hf_logging.set_verbosity_error()
+
+N_WORDS = 60
+TARGET_ID = 3  # the token "w0": the reward is its frequency in the completion
+WORDS = ["[PAD]", "[EOS]", "[UNK]"] + [f"w{i}" for i in range(N_WORDS)]
+
+
+def build_lm(path, *, seed: int, words: list[str] = WORDS) -> str:
+    """Save a 2-layer GPT-2 (n_embd 32) and its word-level tokenizer (pad 0, eos 1) to ``path``."""
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", eos_token="[EOS]", unk_token="[UNK]")
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=len(words), n_embd=32, n_layer=2, n_head=2, n_positions=64, bos_token_id=1, eos_token_id=1,
+        pad_token_id=0,
+    )
+    GPT2LMHeadModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # tiny models: threads only add contention on a shared CI machine
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def lm_paths(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rloo_lms")
+    return {
+        "policy": build_lm(root / "policy", seed=0),
+        "other": build_lm(root / "other", seed=1),  # same tokenizer, different weights
+        "small_vocab": build_lm(root / "small_vocab", seed=2, words=WORDS[:40]),
+    }
+
+
+def target_reward(completion_ids, **_):
+    """Fraction of completion tokens that are the target token."""
+    return [sum(t == TARGET_ID for t in ids) / max(len(ids), 1) for ids in completion_ids]
+
+
+def low_words_reward(completion_ids, **_):
+    """Fraction of completion tokens among w0..w19 (dense: about a third at the start)."""
+    return [sum(3 <= t < 23 for t in ids) / max(len(ids), 1) for ids in completion_ids]
+
+
+def prompts_dataset(n: int = 16) -> Dataset:
+    return Dataset.from_dict({"prompt": [f"w{i + 5} w{i + 6}" for i in range(n)]})
+
+
+def make_config(tmp_path, estimator: str, **overrides) -> RLOOConfig:
+    kwargs = dict(
+        output_dir=str(tmp_path / f"out_{estimator}"),
+        kl_estimator=estimator,
+        per_device_train_batch_size=16,
+        num_generations=4,
+        max_completion_length=8,
+        max_steps=2,
+        learning_rate=1e-2,
+        logging_steps=1,
+        report_to="none",
+        beta=0.05,
+        seed=0,
+        save_strategy="no",
+        bf16=False,
+        disable_dropout=True,
+        disable_tqdm=True,
+    )
+    kwargs.update(overrides)
+    return RLOOConfig(**kwargs)
+
+
+def scoring_trainer(lm_paths, args, **kwargs) -> RLOOTrainer:
+    trainer = RLOOTrainer(lm_paths["policy"], target_reward, args=args, train_dataset=prompts_dataset(), **kwargs)
+    trainer.model.train()  # as inside Trainer.train(): metrics go to the "train" bucket
+    return trainer
+
+
+def generation_batch(n_prompts: int, num_generations: int) -> list[dict]:
+    # trl's RepeatSampler puts the num_generations copies of a prompt next to each other
+    return [{"prompt": f"w{i + 5} w{i + 6}"} for i in range(n_prompts) for _ in range(num_generations)]
+
+
+def grads(model) -> dict[str, torch.Tensor]:
+    out = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+def materialized(trainer, model, batch):
+    """Policy-side quantities from full logits (the test's independent path): completion logits of both models."""
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
+    attn = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
+    c = batch["completion_ids"].shape[1]
+    logits_p = model(input_ids=ids, attention_mask=attn).logits[:, -c - 1 : -1]
+    with torch.no_grad():
+        logits_q = trainer.ref_model(input_ids=ids, attention_mask=attn).logits[:, -c - 1 : -1]
+    return logits_p, logits_q
+
+
+def loo_advantages(rewards: torch.Tensor, num_generations: int) -> torch.Tensor:
+    grouped = rewards.view(-1, num_generations)
+    baseline = (grouped.sum(1, keepdim=True) - grouped) / (num_generations - 1)
+    return (grouped - baseline).view(-1)
+
+
+def completion_rewards(batch) -> torch.Tensor:
+    ids = [row[m.bool()].tolist() for row, m in zip(batch["completion_ids"], batch["completion_mask"], strict=True)]
+    return torch.tensor(target_reward(ids), dtype=torch.float32)
+
+
+@pytest.mark.parametrize(("scale", "softcap", "bias"), [(1.0, None, False), (0.7, None, True), (1.3, 5.0, True)])
+def test_single_pass_kernel_matches_autograd(scale, softcap, bias):
+    """The loss kernel (gradient computed in its forward) equals autograd through linear_token_kl, float64."""
+    g = torch.Generator().manual_seed(0)
+    b, c, hdim, hq_dim, vocab = 3, 5, 6, 4, 11
+    hp = torch.randn(b, c, hdim, generator=g, dtype=torch.float64, requires_grad=True)
+    wp = torch.randn(vocab, hdim, generator=g, dtype=torch.float64, requires_grad=True)
+    bp = torch.randn(vocab, generator=g, dtype=torch.float64, requires_grad=True) if bias else None
+    hq = torch.randn(b, c, hq_dim, generator=g, dtype=torch.float64)
+    wq = torch.randn(vocab, hq_dim, generator=g, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
+    weights = mask * torch.tensor([[0.2], [0.5], [1.5]], dtype=torch.float64)
+    head_p, head_q = HeadParams(wp, bp, scale, softcap), HeadParams(wq, None, 1.0, softcap)
+
+    got = weighted_kl_sum_from_hidden(hp, head_p, hq, head_q, weights, temperature=0.8, chunk_size=3)
+    params = [x for x in (hp, wp, bp) if x is not None]
+    got_grads = torch.autograd.grad(got * 2.5, params)
+    k = linear_token_kl(hp, wp, hq, wq, bias_p=bp, temperature=0.8, logit_scale_p=scale, softcap_p=softcap,
+                        softcap_q=softcap)
+    want = (weights * k).sum()
+    want_grads = torch.autograd.grad(want * 2.5, params)
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-8)
+    for a, e in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-8)
+    # the masked per-token path agrees, with exact zeros on padding
+    per_token = token_kl_from_hidden(hp, head_p, hq, head_q, temperature=0.8, mask=mask)
+    torch.testing.assert_close(per_token, torch.where(mask.bool(), k, 0.0).detach(), rtol=1e-10, atol=0)
+    assert (per_token[mask == 0] == 0).all()
+    with torch.no_grad():  # the values-only fast path (scoring) agrees too
+        fast = token_kl_from_hidden(hp, head_p, hq, head_q, temperature=0.8, mask=mask, chunk_size=2)
+    torch.testing.assert_close(fast, per_token, rtol=1e-10, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# One fixed batch: advantages and gradients against independent computations from materialized logits.
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k3", "rb"])
+def test_advantages_match_estimate_from_logits(lm_paths, tmp_path, estimator):
+    beta, g = 0.5, 4
+    args = make_config(tmp_path, estimator, beta=beta, temperature=0.7)
+    trainer = scoring_trainer(lm_paths, args, ref_model=lm_paths["other"])
+    torch.manual_seed(0)
+    batch = trainer._generate_and_score_completions(generation_batch(4, g))
+    with torch.no_grad():
+        logits_p, logits_q = materialized(trainer, trainer.model, batch)
+    kl = kl_estimate(logits_p, logits_q, batch["completion_ids"], batch["completion_mask"], estimator,
+                     temperature=0.7)
+    expected = loo_advantages(completion_rewards(batch) - beta * kl, g)
+    torch.testing.assert_close(batch["advantages"], expected, atol=2e-5, rtol=1e-4)
+    assert (REF_HIDDEN_KEY in batch) == (estimator == "rb")
+    # both KL metrics are logged whatever the estimator, from the same samples
+    rb = kl_estimate(logits_p, logits_q, batch["completion_ids"], batch["completion_mask"], "rb", temperature=0.7)
+    k1 = kl_estimate(logits_p, logits_q, batch["completion_ids"], batch["completion_mask"], "k1", temperature=0.7)
+    assert trainer._metrics["train"]["kl/rb"][-1] == pytest.approx(rb.mean().item(), rel=1e-4, abs=1e-6)
+    assert trainer._metrics["train"]["kl/k1"][-1] == pytest.approx(k1.mean().item(), rel=1e-4, abs=1e-5)
+    assert rb.mean().item() > 0.05  # the two models differ: the checks above are not 0 == 0
+
+
+def test_rb_loss_gradient_is_pg_plus_analytic_rb_term(lm_paths, tmp_path):
+    """grad(trainer loss) = grad[-mean_i A_i * ratio_i + beta * mean_i sum_n K_n], with K_n from full logits."""
+    beta, g = 0.5, 4
+    args = make_config(tmp_path, "rb", beta=beta)
+    trainer = scoring_trainer(lm_paths, args, ref_model=lm_paths["other"])
+    model = trainer.model
+    torch.manual_seed(1)
+    batch = trainer._generate_and_score_completions(generation_batch(4, g))
+
+    trainer.compute_loss(model, batch).backward()
+    got = grads(model)
+
+    ids, mask = batch["completion_ids"], batch["completion_mask"]
+    logits_p, logits_q = materialized(trainer, model, batch)
+    terms = sequence_kl_terms(logits_p, logits_q, ids, mask)
+    logp = terms["logp"].sum(-1)
+    rb = terms["K"].sum(-1)
+    advantages = loo_advantages(completion_rewards(batch) - beta * rb.detach(), g)
+    surrogate = -(advantages * torch.exp(logp - logp.detach())).mean() + beta * rb.mean()
+    surrogate.backward()
+    want = grads(model)
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=1e-4, msg=name)
+
+    # Without the analytic term (trl's loss on the same batch) the gradient differs: the test can fail.
+    trl.RLOOTrainer._compute_loss(trainer, model, batch).backward()
+    trl_grads = grads(model)
+    diff = max((trl_grads[n] - want[n]).abs().max().item() for n in want)
+    assert diff > 1e-3
+
+
+def test_k1_is_trl(lm_paths, tmp_path):
+    """k1 mode scores and differentiates exactly like trl's RLOOTrainer on the same samples."""
+    args = make_config(tmp_path, "k1", beta=0.5)
+    trainer = scoring_trainer(lm_paths, args, ref_model=lm_paths["other"])
+    prompts = generation_batch(4, 4)
+    torch.manual_seed(2)
+    ours = trainer._generate_and_score_completions(prompts)
+    torch.manual_seed(2)
+    theirs = trl.RLOOTrainer._generate_and_score_completions(trainer, prompts)
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        torch.testing.assert_close(ours[key], theirs[key], atol=0, rtol=0, msg=key)
+    trainer.compute_loss(trainer.model, ours).backward()
+    got = grads(trainer.model)
+    trl.RLOOTrainer._compute_loss(trainer, trainer.model, theirs).backward()
+    want = grads(trainer.model)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=0, rtol=0, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Training runs.
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("estimator", ["k1", "k3", "rb"])
+def test_training_increases_reward(lm_paths, tmp_path, estimator):
+    torch.manual_seed(0)
+    args = make_config(tmp_path, estimator, max_steps=30)
+    trainer = RLOOTrainer(lm_paths["policy"], target_reward, args=args, train_dataset=prompts_dataset())
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "reward" in h]
+    assert len(logs) == 30
+    for h in logs:
+        assert math.isfinite(h["loss"])
+        assert math.isfinite(h["kl/k1"])
+        assert h["kl/rb"] >= 0.0
+    # step 1: policy == reference (trl's copy of the starting model), so both estimates are 0
+    assert logs[0]["kl/rb"] == pytest.approx(0.0, abs=1e-6) and logs[0]["kl/k1"] == pytest.approx(0.0, abs=1e-6)
+    first = sum(h["reward"] for h in logs[:8]) / 8
+    last = sum(h["reward"] for h in logs[-8:]) / 8
+    # the target token starts at ~1/63; 30 steps bring its frequency well above
+    assert last > first + 0.05, (first, last)
+    assert logs[-1]["kl/rb"] > 0.1
+
+
+@pytest.mark.slow
+def test_peft_two_iterations_and_resume(lm_paths, tmp_path):
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], task_type="CAUSAL_LM")
+    args = make_config(tmp_path, "rb", max_steps=4, num_iterations=2, save_strategy="steps", save_steps=2,
+                       per_device_train_batch_size=8, learning_rate=3e-2)
+    trainer = RLOOTrainer(lm_paths["policy"], low_words_reward, args=args, train_dataset=prompts_dataset(),
+                          peft_config=lora)
+    assert trainer.ref_model is None  # the reference is the base model with adapters disabled
+    trainer.train()
+    # with num_iterations=2 a generation batch is scored (and KL metrics logged, like trl's reward) every 2 steps
+    logs = [h for h in trainer.state.log_history if "kl/rb" in h]
+    assert [h["step"] for h in logs] == [1, 3]
+    assert all(math.isfinite(h["loss"]) for h in trainer.state.log_history if "loss" in h)
+    # LoRA starts as the identity, so the first KL to the adapter-free base is 0; then it grows
+    assert logs[0]["kl/rb"] == pytest.approx(0.0, abs=1e-6)
+    assert logs[-1]["kl/rb"] > 1e-4
+
+    checkpoint = os.path.join(args.output_dir, "checkpoint-2")
+    assert os.path.isdir(checkpoint)
+    resumed_args = make_config(tmp_path, "rb", max_steps=4, num_iterations=2, save_strategy="no",
+                               per_device_train_batch_size=8, learning_rate=3e-2)
+    resumed = RLOOTrainer(lm_paths["policy"], low_words_reward, args=resumed_args, train_dataset=prompts_dataset(),
+                          peft_config=lora)
+    resumed.train(resume_from_checkpoint=checkpoint)
+    assert resumed.state.global_step == 4
+    new_logs = [h for h in resumed.state.log_history if "loss" in h and h["step"] > 2]  # history 1-2 is restored
+    assert [h["step"] for h in new_logs] == [3, 4]
+    assert all(math.isfinite(h["loss"]) for h in new_logs)
+    assert new_logs[0]["kl/rb"] > 1e-4  # the resumed adapter, not a fresh one, is compared with the base
+
+
+_TWO_PROCESS_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    from datasets import Dataset
+    from trl_rb import RLOOConfig, RLOOTrainer
+
+    def reward(completion_ids, **_):
+        return [sum(t == 3 for t in ids) / max(len(ids), 1) for ids in completion_ids]
+
+    args = RLOOConfig(output_dir=sys.argv[2], kl_estimator="rb", per_device_train_batch_size=4, num_generations=4,
+                      max_completion_length=6, max_steps=2, logging_steps=1, report_to="none", save_strategy="no",
+                      bf16=False, disable_dropout=True, disable_tqdm=True, seed=0, learning_rate=1e-2)
+    ds = Dataset.from_dict({"prompt": [f"w{i} w{i + 1}" for i in range(16)]})
+    trainer = RLOOTrainer(sys.argv[1], reward, args=args, train_dataset=ds)
+    trainer.train()
+    if trainer.accelerator.is_main_process:
+        print("LOGS " + json.dumps([h for h in trainer.state.log_history if "kl/rb" in h]))
+    """
+)
+
+
+@pytest.mark.slow
+def test_two_processes(lm_paths, tmp_path):
+    script = tmp_path / "train_two.py"
+    script.write_text(_TWO_PROCESS_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--cpu", str(script), lm_paths["policy"],
+           str(tmp_path / "out")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("LOGS "))
+    logs = json.loads(line[5:])
+    assert [h["step"] for h in logs] == [1, 2]
+    assert all(h["kl/rb"] >= 0 and math.isfinite(h["loss"]) for h in logs)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The reference model and misuse.
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_ref_model_as_instance_and_errors(lm_paths, tmp_path):
+    other = GPT2LMHeadModel.from_pretrained(lm_paths["other"])
+    trainer = RLOOTrainer(lm_paths["policy"], target_reward, args=make_config(tmp_path, "rb"),
+                          train_dataset=prompts_dataset(), ref_model=other)
+    assert trainer.ref_model is other and not any(p.requires_grad for p in other.parameters())
+
+    with pytest.raises(ValueError, match="vocabular"):
+        RLOOTrainer(lm_paths["policy"], target_reward, args=make_config(tmp_path, "rb"),
+                    train_dataset=prompts_dataset(), ref_model=lm_paths["small_vocab"])
+    with pytest.raises(ValueError, match="beta=0.0"):
+        RLOOTrainer(lm_paths["policy"], target_reward, args=make_config(tmp_path, "rb", beta=0.0),
+                    train_dataset=prompts_dataset(), ref_model=lm_paths["other"])
+    with pytest.raises(ValueError, match="top_k"):
+        RLOOTrainer(lm_paths["policy"], target_reward, args=make_config(tmp_path, "rb", top_k=5),
+                    train_dataset=prompts_dataset())
+
+
+def test_beta_zero_is_trl(lm_paths, tmp_path):
+    """No reference, no KL: the rb trainer trains like trl and logs no KL metric."""
+    trainer = scoring_trainer(lm_paths, make_config(tmp_path, "rb", beta=0.0))
+    assert trainer.ref_model is None
+    torch.manual_seed(3)
+    batch = trainer._generate_and_score_completions(generation_batch(4, 4))
+    assert REF_HIDDEN_KEY not in batch and "kl/rb" not in trainer._metrics["train"]

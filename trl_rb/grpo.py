@@ -1,0 +1,370 @@
+"""GRPO with a choice of KL estimator: ``GRPOConfig`` / ``GRPOTrainer``, drop-ins for trl 1.16's classes.
+
+trl's GRPOTrainer adds beta * k3_t = beta * (exp(-r_t) - 1 + r_t) to every completion token's loss and
+differentiates it with the sampled tokens held fixed (``r_t = l_t - log q_t(y_t)``, ``l_t = log p_t(y_t)``). Its
+expected gradient is not the gradient of KL(p || q): without ``use_bias_correction_kl`` it is
+E[sum_t (1 - q_t/p_t) grad l_t] = -E[sum_t sum_v q_t(v) grad log p_t(v)] (a cross-entropy toward q); with it (trl's
+default) the term is multiplied by the importance ratio, and the expected gradient becomes E[sum_t grad K_t] with
+the prefixes held fixed. Either way the score-function part, how the KL of later steps depends on earlier tokens,
+is missing. ``kl_estimator`` chooses:
+
+- ``k3``: trl's behaviour, unchanged (the default, so existing configs mean the same).
+- ``k1``: the detached per-sequence k1 = sum_t r_t enters the advantages, an unbiased score-function gradient.
+- ``rb``: each completion token t adds beta * [K_t + (l_t - sg l_t) * sg(sum_{m>t} K_m)] to the per-token loss
+  (ESTIMATORS.md, surrogate S_rb), with K_t the exact KL of the two next-token distributions, aggregated by the
+  configured ``loss_type``: the unbiased Rao-Blackwellized gradient, scaled by the constant the aggregation implies.
+
+How the hooks work (no trl code is copied): ``_generate_and_score_completions`` runs trl's under a hidden-state
+recording (``trainer_kl.HiddenCaptureMixin``), so the reference's last hidden states of trl's own reference forward
+ride in the batch dict (``trainer_kl.REF_HIDDEN_KEY``); ``_compute_loss`` runs trl's loss with its KL term switched
+off (beta treated as 0 inside it) and records the policy's hidden states and per-token log-probs l_t (with
+gradient) from trl's own loss forward; K_t comes from ``linear_token_kl`` on the two hidden states and LM heads
+(never [B, T, V] logits). Forward passes per generation batch (num_iterations = 1, aligned steps; generation aside):
+
+=========  ==========================================  ==================
+mode       policy                                      reference
+=========  ==========================================  ==================
+k3 (trl)   1 forward + backward (loss)                 1 forward (scoring)
+rb         1 forward + backward (loss)                 1 forward (scoring)
+k1         1 no-grad forward (scoring) + 1 fwd + bwd   1 forward (scoring)
+=========  ==========================================  ==================
+
+k1 needs log p(y) before the advantages are built, so it scores the policy once more during scoring (trl's RLOO does
+the same), unless trl already computed the old log-probs there (misaligned steps, vLLM importance sampling). Beyond
+the forwards, every mode with beta > 0 evaluates ``linear_token_kl`` once on the loss batch (two LM-head products per
+chunk of positions; for ``k1`` / ``k3`` without gradient, for the kl/rb metric), and ``rb`` also its backward.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import trl
+
+from .kl import canonical_estimator
+from .lm_head import head_params
+from .trainer_kl import (
+    REF_HIDDEN_KEY,
+    HiddenCaptureMixin,
+    ScoredCall,
+    check_rb_sampling,
+    load_reference_model,
+    log_sequence_metrics,
+    masked_sequence_sum,
+    prepare_reference_model,
+    reference_head,
+    token_kl_from_hidden,
+)
+
+__all__ = ["GRPO_KL_ESTIMATORS", "GRPOConfig", "GRPOTrainer", "reduce_like_loss_type"]
+
+GRPO_KL_ESTIMATORS = ("k1", "k3", "rb")
+
+
+@dataclass
+class GRPOConfig(trl.GRPOConfig):
+    r"""
+    Configuration class for [`trl_rb.GRPOTrainer`]: every field of [`trl.GRPOConfig`], plus the choice of KL estimator.
+
+    Parameters:
+        kl_estimator (`str`, *optional*, defaults to `"k3"`):
+            Which estimator of KL(policy || reference) regularizes the policy (case-insensitive; aliases `mc` for
+            `k1`, `full` for `rb`). With `beta=0` there is no KL term (trl loads no reference): every mode then trains
+            exactly like trl and no KL metric is logged.
+
+            - `"k3"`: trl's GRPO term beta * (exp(-r_t) - 1 + r_t) added to each token's loss, with
+              r_t = log p(y_t) - log q(y_t). Its gradient is biased for grad KL (see the module docstring).
+            - `"k1"`: the per-sequence estimate sum_t r_t (detached) is subtracted, times beta, from each
+              completion's advantage, centred by its group's mean like the reward. The KL part of the gradient is
+              then (G - 1) / G * beta * an unbiased score-function estimate of grad KL (G = `num_generations`), and
+              the loss type's normalization multiplies it. The penalty is *not* divided by the reward standard
+              deviation that `scale_rewards` uses: if it were, with a constant reward in a group beta would cancel
+              and the KL part would estimate grad KL divided by the (random) standard deviation of the group's KL
+              values, which is no fixed multiple of grad KL. beta therefore keeps its meaning for every
+              `scale_rewards`.
+            - `"rb"`: each completion token t adds beta * [K_t + (l_t - sg l_t) * sg(sum_{m>t} K_m)] to its loss,
+              where K_t is the exact KL of the two next-token distributions (at `temperature`) and l_t the policy's
+              log-prob of the sampled token: an unbiased Rao-Blackwellized gradient. The constant it estimates
+              depends on `loss_type`: beta / `max_completion_length` * grad KL for `dr_grpo` (exact, unbiased),
+              beta * grad KL for `luspo`; `bnpo`, `dapo`, `cispo`, `vespo` divide by the batch's token count, so they
+              estimate beta * grad KL / E[completion length] consistently (a ratio estimator: not unbiased for a finite
+              batch, and the count's dependence on the policy is not differentiated); `grpo` and `sapo` divide each
+              sequence by its own length, which weights sequences by 1 / length and estimates no multiple of grad KL
+              (use `dr_grpo` when the KL gradient matters). With `num_iterations > 1` the later iterations reuse
+              prefixes sampled from the earlier policy without an importance weight (K_t and l_t are the current
+              policy's; at `num_iterations=1`, old = current and the estimate is exact in expectation).
+        use_bias_correction_kl (`bool` or `None`, *optional*, defaults to `None`):
+            trl's option to multiply the k3 term by the importance-sampling ratio. `None` means trl's default
+            (`True`) for `kl_estimator="k3"` and `False` otherwise; it only applies to `k3`, so `True` with `k1` or
+            `rb` raises a `ValueError`.
+    """
+
+    kl_estimator: str = field(
+        default="k3",
+        metadata={
+            "help": "KL estimator: 'k3' (trl's per-token k3 in the loss, biased gradient; default), 'k1' (alias 'mc': "
+            "detached sum of log ratios in the advantages, unbiased score-function gradient) or 'rb' (alias 'full': "
+            "Rao-Blackwellized surrogate with the exact per-token KL, unbiased, lower variance). Case-insensitive. "
+            "With beta=0 there is no KL term and every mode trains like trl."
+        },
+    )
+    use_bias_correction_kl: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Whether to multiply trl's k3 KL term by the importance sampling ratio. None (default): trl's "
+            "default (True) for kl_estimator='k3', False otherwise. Only applies to 'k3'; True with 'k1' or 'rb' is "
+            "an error."
+        },
+    )
+
+    def __post_init__(self):
+        self.kl_estimator = canonical_estimator(self.kl_estimator, allowed=GRPO_KL_ESTIMATORS)
+        if self.use_bias_correction_kl is None:
+            self.use_bias_correction_kl = self.kl_estimator == "k3"
+        elif self.use_bias_correction_kl and self.kl_estimator != "k3":
+            raise ValueError(
+                f"use_bias_correction_kl=True multiplies trl's k3 term by the importance ratio; it has no meaning for "
+                f"kl_estimator={self.kl_estimator!r}. Leave use_bias_correction_kl unset (None) or set it to False."
+            )
+        super().__post_init__()
+
+
+def reduce_like_loss_type(
+    per_token: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    loss_type: str,
+    max_completion_length: int,
+    accumulation_steps: float,
+    num_items_in_batch: torch.Tensor | None = None,
+    num_processes: int = 1,
+    steps_per_generation: int = 1,
+    training: bool = True,
+) -> torch.Tensor:
+    """Reduce per-token loss terms [B, C] to the scalar trl 1.16's GRPO would make of its per-token loss.
+
+    trl's normalizations, by ``loss_type`` (A = ``accumulation_steps`` in training, 1 in evaluation):
+    ``grpo``/``sapo``: mean over sequences of each sequence's masked mean, / A; ``bnpo``: masked sum / token count,
+    / A; ``dr_grpo``: masked sum / (B * ``max_completion_length``), / A; ``dapo``/``cispo``/``vespo``: masked sum /
+    (``num_items_in_batch`` / processes, times A / ``steps_per_generation`` in training); ``luspo``: mean over
+    sequences of each sequence's masked sum, / A.
+
+    Args:
+        per_token: [B, C] float terms, completion-aligned; mask: [B, C] (1 = counted token). Padding may hold any
+            finite or non-finite value: it is replaced by 0.
+
+    Returns:
+        A 0-d tensor, differentiable with respect to ``per_token``.
+    """
+    m = mask.bool()
+    masked = torch.where(m, per_token, torch.zeros((), dtype=per_token.dtype, device=per_token.device))
+    counts = m.sum(-1).to(per_token.dtype)
+    accum = accumulation_steps if training else 1.0
+    if loss_type in ("grpo", "sapo"):
+        return (masked.sum(-1) / counts.clamp(min=1.0)).mean() / accum
+    if loss_type == "bnpo":
+        return masked.sum() / counts.sum().clamp(min=1.0) / accum
+    if loss_type == "dr_grpo":
+        return masked.sum() / (per_token.shape[0] * max_completion_length) / accum
+    if loss_type in ("dapo", "cispo", "vespo"):
+        if num_items_in_batch is None:
+            raise ValueError(f"loss_type={loss_type!r} normalizes by num_items_in_batch; pass it.")
+        normalizer = num_items_in_batch.to(per_token.dtype).clamp(min=1.0) / num_processes
+        if training:
+            normalizer = normalizer * accumulation_steps / steps_per_generation
+        return masked.sum() / normalizer
+    if loss_type == "luspo":
+        return masked.sum(-1).mean() / accum
+    raise ValueError(f"Unknown loss_type {loss_type!r} (trl 1.16 GRPO: grpo, sapo, bnpo, dr_grpo, dapo, cispo, vespo, luspo).")
+
+
+def _future_sum(x: torch.Tensor) -> torch.Tensor:
+    """sum_{m > t} x_m along the last dimension ([B, C] -> [B, C])."""
+    return x.flip(-1).cumsum(-1).flip(-1) - x
+
+
+class GRPOTrainer(HiddenCaptureMixin, trl.GRPOTrainer):
+    """trl's ``GRPOTrainer`` with the KL estimator chosen by ``args.kl_estimator`` (``trl_rb.GRPOConfig``).
+
+    Same constructor as ``trl.GRPOTrainer``, plus ``ref_model``: an optional reference (a path or a model sharing the
+    policy's vocabulary) to regularize toward instead of the policy's starting point; it needs ``beta > 0``. A plain
+    ``trl.GRPOConfig`` means ``kl_estimator="k3"``.
+
+    Logged every step when ``beta > 0``, on the batch of the loss, whatever the mode: ``kl/k1`` and ``kl/rb``, the mean
+    over sequences of sum_t r_t and of sum_t K_t (both estimate KL(p || q) per completion; kl/rb with less variance).
+    The reference is trl's (the policy's starting point), or for a PEFT policy the base model with adapters disabled
+    (or trl's "ref" adapter), as trl does. Refused at construction: ``rb`` with top-k / top-p / min-p / repetition
+    penalty sampling, a LoRA adapter on the LM head, or an FSDP-sharded head; ``use_bias_correction_kl=True`` with
+    ``k1`` / ``rb``; ``sync_ref_model`` with an explicit ``ref_model``.
+    """
+
+    _tag_names = [*trl.GRPOTrainer._tag_names, "trl-rb"]
+
+    def __init__(self, model, reward_funcs=None, args=None, *pos_args, ref_model=None, **kwargs):
+        estimator = canonical_estimator(getattr(args, "kl_estimator", "k3"), allowed=GRPO_KL_ESTIMATORS)
+        if args is not None:
+            if estimator != "k3":
+                if getattr(args, "use_bias_correction_kl", False):
+                    raise ValueError(
+                        f"use_bias_correction_kl=True only applies to trl's k3 term, not kl_estimator={estimator!r}; "
+                        "set it to False (trl_rb.GRPOConfig does that by default)."
+                    )
+            if args.beta != 0.0:
+                check_rb_sampling(args, estimator)
+        if ref_model is not None:
+            if args is None or args.beta == 0.0:
+                raise ValueError("ref_model= is a KL reference: it needs args with beta > 0.")
+            if args.sync_ref_model:
+                raise ValueError("sync_ref_model=True with an explicit ref_model= is not supported; drop one of them.")
+            # trl would build its own reference from the policy's path; with beta seen as 0 during its __init__ it
+            # builds none (and no PEFT "ref" adapter), and ours is installed right after.
+            beta, args.beta = args.beta, 0.0
+            try:
+                super().__init__(model, reward_funcs, args, *pos_args, **kwargs)
+            finally:
+                args.beta = beta
+            self.beta = beta
+            self.ref_model = prepare_reference_model(
+                self,
+                load_reference_model(
+                    ref_model,
+                    policy=self.model,
+                    processing_class=self.processing_class,
+                    model_init_kwargs=args.model_init_kwargs,
+                ),
+            )
+        else:
+            super().__init__(model, reward_funcs, args, *pos_args, **kwargs)
+        self.kl_estimator = estimator
+        self._rb_metric = self.beta != 0.0
+        if self.beta != 0.0:
+            try:  # fail at construction, not at the first step, when the heads cannot give K_t
+                head_params(self.model)
+                reference_head(self)
+            except ValueError as err:
+                if estimator == "rb":
+                    raise
+                self._rb_metric = False
+                warnings.warn(f"kl/rb will not be logged: {err}", stacklevel=2)
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # Scoring: carry the reference's completion hidden states; k1 goes into the advantages.
+    # ---------------------------------------------------------------------------------------------------------------
+
+    def _generate_and_score_completions(self, inputs):
+        if self.beta == 0.0:
+            return super()._generate_and_score_completions(inputs)
+        with self._rb_recording() as calls:
+            output = super()._generate_and_score_completions(inputs)
+        ref_call = self._reference_call(calls)
+        if self._rb_metric:
+            # A contiguous copy: the slice would otherwise keep the prompt positions' hidden states alive.
+            output[REF_HIDDEN_KEY] = ref_call.hidden.detach().contiguous()
+        if self.kl_estimator == "k1":
+            self._add_k1_penalty(output, calls[:-1], ref_call)
+        return output
+
+    def _reference_call(self, calls: list[ScoredCall]) -> ScoredCall:
+        # trl scores the reference last (after the optional old-policy scoring), with self.ref_model or, for PEFT,
+        # with the policy under disabled adapters.
+        if not calls or (self.ref_model is not None and calls[-1].model is not self.ref_model):
+            raise RuntimeError(
+                "trl_rb.GRPOTrainer did not see trl's reference forward during scoring; this trl version scores "
+                "differently from the one trl_rb supports (1.16)."
+            )
+        return calls[-1]
+
+    def _add_k1_penalty(self, output: dict[str, Any], policy_calls: list[ScoredCall], ref_call: ScoredCall) -> None:
+        """advantages -= beta * (k1_i - mean of k1 over i's group), with k1_i = sum_t r_t (detached)."""
+        mask = output["completion_mask"]
+        if policy_calls:  # trl already scored the sampling policy (misaligned steps or vLLM correction)
+            policy_logps = policy_calls[0].logps
+        else:
+            input_ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
+            attention_mask = torch.cat([output["prompt_mask"], mask], dim=1)
+            with torch.no_grad():
+                policy_logps, _, _ = self._get_per_token_logps_and_entropies(
+                    self.model,
+                    input_ids,
+                    attention_mask,
+                    mask.shape[1],
+                    batch_size=self.args.per_device_train_batch_size,
+                )
+        k1 = masked_sequence_sum(policy_logps.float() - ref_call.logps.float(), mask)
+        everyone = self.accelerator.gather(k1)  # groups may span processes: centre them globally, like the rewards
+        group = self.num_generations if self.model.training else self.num_generations_eval
+        grouped = everyone.view(-1, group)
+        centred = (grouped - grouped.mean(dim=1, keepdim=True)).view(-1)
+        start = self.accelerator.process_index * k1.shape[0]
+        advantages = output["advantages"]
+        output["advantages"] = advantages - self.beta * centred[start : start + k1.shape[0]].to(advantages.dtype)
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # Loss: trl's loss without its KL term, plus the chosen KL term; the KL metrics.
+    # ---------------------------------------------------------------------------------------------------------------
+
+    def _compute_loss(self, model, inputs):
+        if self.beta == 0.0:
+            return super()._compute_loss(model, inputs)
+        beta = self.beta
+        with self._rb_recording() as calls:
+            if self.kl_estimator != "k3":
+                self.beta = 0.0  # trl's k3 term off; the reference log-probs were still computed while scoring
+            try:
+                loss = super()._compute_loss(model, inputs)
+            finally:
+                self.beta = beta
+        if len(calls) != 1:
+            raise RuntimeError(f"expected one policy forward in trl's loss, saw {len(calls)}.")
+        policy = calls[0]
+        mask = inputs["completion_mask"]
+        if "tool_mask" in inputs:
+            mask = mask * inputs["tool_mask"]
+        mode = "train" if self.model.training else "eval"
+
+        kl_terms = None
+        if self._rb_metric:
+            with torch.set_grad_enabled(self.kl_estimator == "rb" and torch.is_grad_enabled()):
+                kl_terms = self._token_kl(model, policy.hidden, inputs[REF_HIDDEN_KEY], mask)
+        if self.kl_estimator == "rb":
+            logps = policy.logps  # l_t with its gradient, from trl's own loss forward
+            future = _future_sum(kl_terms.detach())
+            surrogate = kl_terms + (logps - logps.detach()) * future
+            loss = loss + beta * self._reduce(surrogate, mask, inputs, mode)
+
+        metrics = {"kl/k1": masked_sequence_sum(policy.logps.detach() - inputs["ref_per_token_logps"], mask)}
+        if kl_terms is not None:
+            metrics["kl/rb"] = masked_sequence_sum(kl_terms.detach(), mask)
+        log_sequence_metrics(self, mode, metrics)
+        return loss
+
+    def _token_kl(self, model, policy_hidden, ref_hidden, mask) -> torch.Tensor:
+        """K_t [B, C] from the captured hidden states (with gradient to the policy when grad mode is on)."""
+        policy_head = head_params(model)
+        ref_head = reference_head(self)
+        if not torch.is_grad_enabled():
+            policy_hidden = policy_hidden.detach()
+        return token_kl_from_hidden(
+            policy_hidden.to(policy_head.weight.dtype),
+            policy_head,
+            ref_hidden.to(ref_head.weight.dtype),
+            ref_head,
+            temperature=self.temperature,
+            mask=mask,
+        )
+
+    def _reduce(self, per_token: torch.Tensor, mask: torch.Tensor, inputs: dict[str, Any], mode: str) -> torch.Tensor:
+        return reduce_like_loss_type(
+            per_token,
+            mask,
+            loss_type=self.loss_type,
+            max_completion_length=self.max_completion_length,
+            accumulation_steps=self.current_gradient_accumulation_steps,
+            num_items_in_batch=inputs.get("num_items_in_batch"),
+            num_processes=self.accelerator.num_processes,
+            steps_per_generation=self.args.steps_per_generation,
+            training=mode == "train",
+        )

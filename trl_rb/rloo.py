@@ -1,0 +1,289 @@
+"""RLOO with a choice of KL estimator in the reward penalty, the Rao-Blackwellized one by default: drop-ins for trl's.
+
+``trl_rb.RLOOConfig`` / ``trl_rb.RLOOTrainer`` subclass ``trl.RLOOConfig`` / ``trl.RLOOTrainer`` (trl 1.16) and add
+``kl_estimator`` (``k1``, ``k3``, ``rb``). How the trainer hooks into trl (see ESTIMATORS.md, "Inside RLOO"):
+
+- Scoring. trl computes the policy's per-token log-probs, then the reference's, with
+  ``_get_per_token_logps_and_entropies``, and penalizes each reward with beta * sum_n (old_n - ref_n). While trl
+  scores, both calls also record the last hidden states of the completion positions (a forward hook; no extra
+  forward). The reference call then returns ``old - K`` (``rb``) or ``old - k3(old - ref)`` (``k3``) instead of its
+  log-probs, so that trl's own code puts beta * sum_n K_n (resp. the k3 sum) in the reward, gathers it across
+  processes and takes its leave-one-out baseline. K_n = KL(p_n || q_n) comes from ``linear_token_kl`` on the hidden
+  states and LM heads, at the sampling temperature: no [B, T, V] logits.
+- Loss (``rb``). The detached penalty gives the score-function half of the RB gradient only; the loss also gets
+  beta * mean_over_sequences(sum_n K_n) with gradient through the policy (hidden states and LM-head weight), averaged
+  like trl's per-sequence loss. K_n there uses the policy's hidden states from trl's own loss forward and the
+  reference's completion hidden states carried from scoring in the batch dict.
+
+Cost. Forward passes are trl's in every mode: per generation batch the policy runs once without gradients for
+scoring and once per iteration (``num_iterations``) with gradients for the loss; the reference runs once. Nothing
+runs a backbone a second time. The extra work is in LM-head products of shape [tokens, H] x [H, V]: every mode
+(``k1`` too, for the ``kl/rb`` metric) spends two while scoring (the policy's and the reference's logits, recomputed
+chunk by chunk from the recorded hidden states); ``rb`` spends four more per loss forward (both models' logits and
+the two gradient products, all in the forward: ``weighted_kl_sum_from_hidden``), and nothing extra in the backward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import trl
+from accelerate.utils import is_peft_model
+
+from .kl import canonical_estimator
+from .lm_head import head_params
+from .trainer_kl import (
+    REF_HIDDEN_KEY,
+    HiddenCaptureMixin,
+    ScoredCall,
+    check_rb_sampling,
+    k3_per_token,
+    load_reference_model,
+    log_sequence_metrics,
+    masked_sequence_sum,
+    prepare_reference_model,
+    reference_head,
+    token_kl_from_hidden,
+    weighted_kl_sum_from_hidden,
+)
+
+__all__ = ["RLOOConfig", "RLOOTrainer"]
+
+_ESTIMATORS = ("k1", "k3", "rb")
+
+
+@dataclass
+class RLOOConfig(trl.RLOOConfig):
+    r"""
+    Configuration class for [`trl_rb.RLOOTrainer`]: every field of [`trl.RLOOConfig`], plus the choice of KL estimator
+    in the reward penalty.
+
+    Parameters:
+        > Parameters that control the KL penalty (in addition to `beta`, the KL coefficient, from trl)
+
+        kl_estimator (`str`, *optional*, defaults to `"rb"`):
+            Per-sequence estimate of KL(policy || reference) subtracted, times `beta`, from each reward. One of
+            `"k1"` (alias `"mc"`): sum of the sampled log ratios, trl's behaviour; `"k3"`: sum of
+            exp(-r) - 1 + r per token (Schulman's estimator, >= 0); `"rb"` (alias `"full"`): sum of the exact KL of
+            the next-token distributions at every step (Rao-Blackwellized: unbiased, never more variance than
+            `"k1"`, >= 0). With `"rb"` the loss also gets `beta` times the mean per-sequence RB KL with gradient
+            through the policy, which makes the total gradient the unbiased RB gradient of E[reward] - beta * KL.
+            Case-insensitive. `"rb"` needs untruncated sampling (`top_k=0`, `top_p=1.0`, no `min_p`,
+            `repetition_penalty=1.0`).
+        stepwise (`bool` or `None`, *optional*, defaults to `None`):
+            The research code's switch, kept for its users: `True` means `kl_estimator="rb"`, `False` means
+            `kl_estimator="k1"`. Setting it together with a `kl_estimator` that says otherwise is an error.
+    """
+
+    kl_estimator: str | None = field(
+        default=None,
+        metadata={
+            "help": "KL estimator in the reward penalty (case-insensitive): 'rb' (alias 'full', default): exact "
+            "per-step KL of the next-token distributions, Rao-Blackwellized, with its analytic gradient added to the "
+            "loss; 'k1' (alias 'mc'): sampled log ratio, trl's behaviour; 'k3': exp(-r) - 1 + r per token.",
+        },
+    )
+    stepwise: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Research-code switch: True means kl_estimator='rb', False means kl_estimator='k1'. Contradicting "
+            "an explicitly set kl_estimator is an error.",
+        },
+    )
+
+    def __post_init__(self):
+        # None means "not set": it lets a stepwise flag decide and contradictions be caught; it resolves to "rb".
+        explicit = None if self.kl_estimator is None else canonical_estimator(self.kl_estimator, allowed=_ESTIMATORS)
+        if isinstance(self.stepwise, str):  # a raw string from a config file
+            self.stepwise = {"true": True, "false": False}.get(self.stepwise.lower(), self.stepwise)
+        if self.stepwise is not None and not isinstance(self.stepwise, bool):
+            raise ValueError(f"stepwise must be True, False or None, got {self.stepwise!r}.")
+        implied = None if self.stepwise is None else ("rb" if self.stepwise else "k1")
+        if explicit is not None and implied is not None and explicit != implied:
+            raise ValueError(
+                f"stepwise={self.stepwise} means kl_estimator={implied!r}, but kl_estimator={self.kl_estimator!r} was "
+                "also given. Set only one of them (stepwise is the research code's name for 'rb' vs 'k1')."
+            )
+        self.kl_estimator = explicit or implied or "rb"
+        super().__post_init__()
+
+
+class RLOOTrainer(HiddenCaptureMixin, trl.RLOOTrainer):
+    """``trl.RLOOTrainer`` with the KL estimator chosen by ``args.kl_estimator`` (see [`RLOOConfig`]).
+
+    Same constructor as trl's, plus ``ref_model``: a path or a model to regularize toward instead of the policy's
+    starting point. It must share the policy's tokenizer; it gets trl's fused LM head at ``args.temperature`` and is
+    prepared like trl's own reference (DeepSpeed / FSDP / accelerate evaluation mode). (trl's constructor still loads
+    its copy of the starting model first; it is released before the chosen reference is prepared.) Without it the
+    reference is trl's: a copy of the starting model, or, for a PEFT policy, the base model with adapters disabled.
+
+    ``args`` may be a plain ``trl.RLOOConfig``; it then gets the default estimator ``rb``.
+
+    Metrics, logged at every scoring (train and eval; like trl's reward metrics, once per generation batch when
+    ``num_iterations`` or ``steps_per_generation`` > 1) in every mode, on the same samples, gathered across processes:
+    ``kl/k1`` and ``kl/rb``, the mean over sequences of sum_n r_n and of sum_n K_n. trl's own ``kl`` metric is the
+    per-token mean of the estimator in use.
+
+    With ``beta == 0`` trl loads no reference and computes no KL: every mode then trains exactly like trl, and no KL
+    metric is logged (passing ``ref_model`` with ``beta == 0`` is an error).
+    """
+
+    _tag_names = [*trl.RLOOTrainer._tag_names, "trl-rb"]
+
+    def __init__(
+        self,
+        model: Any,
+        reward_funcs: Any,
+        args: trl.RLOOConfig | None = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        processing_class: Any = None,
+        reward_processing_classes: Any = None,
+        callbacks: Any = None,
+        optimizers: tuple[Any, Any] = (None, None),
+        quantization_config: Any = None,
+        peft_config: Any = None,
+        ref_model: str | torch.nn.Module | None = None,
+    ):
+        if args is None:
+            from trl.trainer.utils import get_config_model_id
+
+            name = model if isinstance(model, str) else get_config_model_id(model.config)
+            args = RLOOConfig(f"{name.split('/')[-1]}-RLOO")
+        self.kl_estimator = canonical_estimator(getattr(args, "kl_estimator", None) or "rb", allowed=_ESTIMATORS)
+        if ref_model is not None and args.beta == 0.0:
+            raise ValueError("ref_model was given but beta=0.0, so no KL is computed; set beta > 0 or drop ref_model.")
+        if ref_model is not None and args.sync_ref_model:
+            raise ValueError(
+                "ref_model and sync_ref_model=True contradict each other: syncing would overwrite the chosen reference "
+                "with the policy. Use one of them."
+            )
+        if args.beta != 0.0:
+            check_rb_sampling(args, self.kl_estimator)
+        self._rb_phase: str | None = None
+        self._rb_pending: dict[str, torch.Tensor] | None = None
+        super().__init__(
+            model=model,
+            reward_funcs=reward_funcs,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            reward_processing_classes=reward_processing_classes,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            quantization_config=quantization_config,
+            peft_config=peft_config,
+        )
+        if ref_model is not None:
+            loaded = load_reference_model(
+                ref_model,
+                policy=self.model,
+                processing_class=self.processing_class,
+                model_init_kwargs=self.args.model_init_kwargs,
+            )
+            self.ref_model = None  # free trl's copy of the starting model before preparing the chosen one
+            self.ref_model = prepare_reference_model(self, loaded)
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # Scoring: the reference call's log-probs become old - (per-token estimate), so trl's penalty is the estimate.
+    # ---------------------------------------------------------------------------------------------------------------
+
+    def _generate_and_score_completions(self, inputs):
+        if self.beta == 0.0:
+            return super()._generate_and_score_completions(inputs)
+        self._rb_phase, self._rb_pending = "score", None
+        try:
+            with self._rb_recording() as calls:
+                output = super()._generate_and_score_completions(inputs)
+        finally:
+            self._rb_phase = None
+        if len(calls) != 2 or self._rb_pending is None:
+            raise RuntimeError(
+                f"Expected trl to score the policy and then the reference (2 calls), saw {len(calls)}; this trl version "
+                "scores differently from the one trl_rb was written for (1.16)."
+            )
+        mode = "train" if self.model.training else "eval"
+        log_sequence_metrics(self, mode, self._rb_pending)
+        self._rb_pending = None
+        if self.kl_estimator == "rb":
+            output[REF_HIDDEN_KEY] = calls[1].hidden.detach()
+        return output
+
+    def _rb_transform_call(self, call: ScoredCall, logps: torch.Tensor) -> torch.Tensor:
+        if self._rb_phase != "score":
+            return logps
+        self._check_scoring_call(call)
+        if call.index == 0:
+            return logps
+        policy = self._rb_calls[0]
+        mask = call.completion_mask.bool()
+        with torch.no_grad():
+            k = token_kl_from_hidden(
+                policy.hidden,
+                head_params(policy.model),
+                call.hidden,
+                reference_head(self),
+                temperature=self.temperature,
+                mask=mask,
+            )
+            r = torch.where(mask, policy.logps - logps, torch.zeros((), dtype=logps.dtype, device=logps.device))
+        self._rb_pending = {"kl/k1": masked_sequence_sum(r, mask), "kl/rb": masked_sequence_sum(k, mask)}
+        if self.kl_estimator == "rb":
+            per_token = k.to(logps.dtype)
+        elif self.kl_estimator == "k3":
+            per_token = k3_per_token(r)
+        else:
+            return logps
+        # trl computes old - ref; with ref = old - e it gets e (exactly 0 on padding, which it masks anyway).
+        return policy.logps - per_token
+
+    def _check_scoring_call(self, call: ScoredCall) -> None:
+        """The first scoring call is the policy's, the second the reference's: verify, don't assume."""
+        if call.index == 0:
+            ok = call.model is self.model
+        elif call.index == 1:
+            if self.ref_model is not None:
+                ok = call.model is self.ref_model
+            else:
+                ok = call.model is self.model and is_peft_model(self.accelerator.unwrap_model(self.model))
+        else:
+            ok = False
+        if not ok:
+            raise RuntimeError(
+                f"Unexpected scoring call #{call.index} on {type(call.model).__name__}: trl_rb expects trl 1.16's "
+                "order (policy, then the reference model or the PEFT model with adapters disabled)."
+            )
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # Loss: the analytic half of the RB gradient, beta * mean_i sum_n K_n with gradient through the policy.
+    # ---------------------------------------------------------------------------------------------------------------
+
+    def _compute_loss(self, model, inputs):
+        if self.kl_estimator != "rb" or self.beta == 0.0:
+            return super()._compute_loss(model, inputs)
+        if REF_HIDDEN_KEY not in inputs:
+            raise RuntimeError(f"The batch lacks {REF_HIDDEN_KEY!r}: it was not scored by trl_rb.RLOOTrainer.")
+        self._rb_phase = "loss"
+        try:
+            with self._rb_recording() as calls:
+                loss = super()._compute_loss(model, inputs)
+        finally:
+            self._rb_phase = None
+        if len(calls) != 1:
+            raise RuntimeError(f"Expected one policy forward in trl's loss, saw {len(calls)}.")
+        mask = inputs["completion_mask"]
+        # trl's policy-gradient loss is per_sequence_loss.mean(): the same mean over this batch's sequences, so each
+        # real token's K_n has weight beta / B.
+        weights = mask.to(torch.float32) * (self.beta / mask.shape[0])
+        kl_term = weighted_kl_sum_from_hidden(
+            calls[0].hidden,
+            head_params(model),
+            inputs[REF_HIDDEN_KEY],
+            reference_head(self),
+            weights,
+            temperature=self.temperature,
+        )
+        return loss + kl_term.to(loss.dtype)
