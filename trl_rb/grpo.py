@@ -107,7 +107,7 @@ class GRPOConfig(trl.GRPOConfig):
         metadata={
             "help": "KL estimator: 'k3' (trl's per-token k3 in the loss, biased gradient; default), 'k1' (alias 'mc': "
             "detached sum of log ratios in the advantages, unbiased score-function gradient) or 'rb' (alias 'full': "
-            "Rao-Blackwellized surrogate with the exact per-token KL, unbiased, lower variance). Case-insensitive. "
+            "Rao-Blackwellized surrogate with the exact per-token KL, unbiased, typically lower variance). Case-insensitive. "
             "With beta=0 there is no KL term and every mode trains like trl."
         },
     )

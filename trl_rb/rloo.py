@@ -67,9 +67,10 @@ class RLOOConfig(trl.RLOOConfig):
             Per-sequence estimate of KL(policy || reference) subtracted, times `beta`, from each reward. One of
             `"k1"` (alias `"mc"`): sum of the sampled log ratios, trl's behaviour; `"k3"`: sum of
             exp(-r) - 1 + r per token (Schulman's estimator, >= 0); `"rb"` (alias `"full"`): sum of the exact KL of
-            the next-token distributions at every step (Rao-Blackwellized: unbiased, never more variance than
-            `"k1"`, >= 0). With `"rb"` the loss also gets `beta` times the mean per-sequence RB KL with gradient
-            through the policy, which makes the total gradient the unbiased RB gradient of E[reward] - beta * KL.
+            the next-token distributions at every step (Rao-Blackwellized: unbiased, >= 0, and in practice far
+            lower variance than `"k1"`, though not provably so for a whole sequence). With `"rb"` the loss also
+            gets `beta` times the mean per-sequence RB KL with gradient through the policy, which makes the total
+            gradient the unbiased RB gradient of E[reward] - beta * KL.
             Case-insensitive. `"rb"` needs untruncated sampling (`top_k=0`, `top_p=1.0`, no `min_p`,
             `repetition_penalty=1.0`).
         stepwise (`bool` or `None`, *optional*, defaults to `None`):
