@@ -21,6 +21,7 @@ from trl_rb.kl import (
     kl_estimate,
     kl_surrogate,
     linear_token_kl,
+    linear_weighted_kl_sum,
     research_token_kl,
     sequence_kl_terms,
     token_kl,
@@ -213,6 +214,55 @@ def test_linear_token_kl_float32_and_bf16_weights():
     assert out.dtype == torch.float32 and torch.allclose(out, ref, rtol=0.1, atol=0.05)
 
 
+@pytest.mark.parametrize("softcap_p", [None, 2.5])
+def test_linear_weighted_kl_sum_equals_autograd_through_linear_token_kl(softcap_p):
+    # float64, bias, logit scales, soft-capping, temperature, padding with weight 0 and garbage (inf) hidden states
+    wp, bp = _head(13, 6, 10)
+    wq, bq = _head(13, 5, 11)
+    gen = torch.Generator().manual_seed(12)
+    hp = torch.randn(3, 4, 6, dtype=torch.float64, generator=gen)
+    hq = torch.randn(3, 4, 5, dtype=torch.float64, generator=gen)
+    weights = torch.rand(3, 4, dtype=torch.float64, generator=gen) + 0.1
+    weights[0, 3] = weights[2, 2:] = 0.0
+    hp[2, 3] = hq[2, 3] = INF  # a padded position: must not touch the value or the gradients
+    kw = dict(temperature=0.7, logit_scale_p=1.3, logit_scale_q=0.8, softcap_p=softcap_p, softcap_q=4.0, chunk_size=5)
+
+    leaves = [t.clone().requires_grad_() for t in (hp, wp, bp)]
+    total, values = linear_weighted_kl_sum(
+        leaves[0], leaves[1], hq, wq, weights, bias_p=leaves[2], bias_q=bq, return_token_kl=True, **kw
+    )
+    grads = torch.autograd.grad(total, leaves)
+
+    ref_leaves = [t.clone().requires_grad_() for t in (hp, wp, bp)]
+    used = weights != 0
+    per_token = linear_token_kl(ref_leaves[0][used], ref_leaves[1], hq[used], wq, bias_p=ref_leaves[2], bias_q=bq, **kw)
+    ref_total = (weights[used] * per_token).sum()
+    ref_grads = torch.autograd.grad(ref_total, ref_leaves)
+
+    assert total.dim() == 0 and total.dtype == torch.float64
+    assert torch.allclose(total, ref_total, rtol=1e-12, atol=0)
+    assert values.shape == (3, 4) and not values.requires_grad
+    assert torch.equal(values[~used], torch.zeros(int((~used).sum()), dtype=torch.float64))
+    assert torch.allclose(values[used], per_token.detach(), rtol=1e-12, atol=1e-14)
+    for a, b in zip(grads, ref_grads, strict=True):
+        assert torch.isfinite(a).all()
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-13)
+    assert torch.equal(grads[0][~used], torch.zeros_like(grads[0][~used]))
+    # without return_token_kl: the same scalar; under no_grad: the same value, nothing to differentiate
+    assert torch.equal(linear_weighted_kl_sum(hp, wp, hq, wq, weights, bias_p=bp, bias_q=bq, **kw), total.detach())
+    with torch.no_grad():
+        value = linear_weighted_kl_sum(leaves[0], leaves[1], hq, wq, weights, bias_p=leaves[2], bias_q=bq, **kw)
+    assert not value.requires_grad and torch.allclose(value, ref_total.detach(), rtol=1e-12, atol=0)
+
+
+def test_linear_weighted_kl_sum_bad_weights():
+    w = torch.zeros(5, 3)
+    with pytest.raises(ValueError, match="weights"):
+        linear_weighted_kl_sum(torch.zeros(2, 3), w, torch.zeros(2, 3), w, torch.ones(3))
+    with pytest.raises(TypeError, match="weights"):
+        linear_weighted_kl_sum(torch.zeros(2, 3), w, torch.zeros(2, 3), w, torch.ones(2, dtype=torch.long))
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # compute_kl, estimators, surrogates
 # --------------------------------------------------------------------------------------------------------------------
@@ -329,7 +379,8 @@ def test_estimator_names():
 
 
 def test_public_exports():
-    for name in ("token_kl", "linear_token_kl", "token_logprobs", "kl_estimate", "kl_surrogate", "compute_kl"):
+    names = ("token_kl", "linear_token_kl", "linear_weighted_kl_sum", "token_logprobs", "kl_estimate", "kl_surrogate")
+    for name in (*names, "compute_kl"):
         assert getattr(trl_rb, name) is getattr(trl_rb.kl, name)
 
 

@@ -15,6 +15,7 @@ from .kl import (
     kl_estimate,
     kl_surrogate,
     linear_token_kl,
+    linear_weighted_kl_sum,
     token_kl,
     token_logprobs,
 )
@@ -49,6 +50,7 @@ __all__ = [
     "kl_estimate",
     "kl_surrogate",
     "linear_token_kl",
+    "linear_weighted_kl_sum",
     "token_kl",
     "token_logprobs",
     *_LAZY,

@@ -18,7 +18,7 @@ How the hooks work (no trl code is copied): ``_generate_and_score_completions`` 
 recording (``trainer_kl.HiddenCaptureMixin``), so the reference's last hidden states of trl's own reference forward
 ride in the batch dict (``trainer_kl.REF_HIDDEN_KEY``); ``_compute_loss`` runs trl's loss with its KL term switched
 off (beta treated as 0 inside it) and records the policy's hidden states and per-token log-probs l_t (with
-gradient) from trl's own loss forward; K_t comes from ``linear_token_kl`` on the two hidden states and LM heads
+gradient) from trl's own loss forward; K_t comes from ``trl_rb.kl`` on the two hidden states and LM heads
 (never [B, T, V] logits). Forward passes per generation batch (num_iterations = 1, aligned steps; generation aside):
 
 =========  ==========================================  ==================
@@ -31,8 +31,10 @@ k1         1 no-grad forward (scoring) + 1 fwd + bwd   1 forward (scoring)
 
 k1 needs log p(y) before the advantages are built, so it scores the policy once more during scoring (trl's RLOO does
 the same), unless trl already computed the old log-probs there (misaligned steps, vLLM importance sampling). Beyond
-the forwards, every mode with beta > 0 evaluates ``linear_token_kl`` once on the loss batch (two LM-head products per
-chunk of positions; for ``k1`` / ``k3`` without gradient, for the kl/rb metric), and ``rb`` also its backward.
+the forwards, every mode with beta > 0 evaluates the exact KL once on the loss batch (two LM-head products per chunk
+of positions): ``k1`` / ``k3`` without gradient, for the kl/rb metric (``linear_token_kl``); ``rb`` with the
+gradient of its K_t term computed in the same pass (``linear_weighted_kl_sum``: two more products, no backward pass
+over the heads), which also gives the K_t values of the future sums and the metric.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ from .trainer_kl import (
     prepare_reference_model,
     reference_head,
     token_kl_from_hidden,
+    weighted_kl_sum_from_hidden,
 )
 
 __all__ = ["GRPO_KL_ESTIMATORS", "GRPOConfig", "GRPOTrainer", "reduce_like_loss_type"]
@@ -326,14 +329,17 @@ class GRPOTrainer(HiddenCaptureMixin, trl.GRPOTrainer):
         mode = "train" if self.model.training else "eval"
 
         kl_terms = None
-        if self._rb_metric:
-            with torch.set_grad_enabled(self.kl_estimator == "rb" and torch.is_grad_enabled()):
-                kl_terms = self._token_kl(model, policy.hidden, inputs[REF_HIDDEN_KEY], mask)
         if self.kl_estimator == "rb":
+            # The K_t part of the surrogate is linear in K with weights known now (beta times the loss_type
+            # normalization), so one pass gives its value, its gradient and the K_t values the future sums need.
+            weights = beta * self._reduce_weights(mask, inputs, mode)
+            kl_loss, kl_terms = self._weighted_token_kl(model, policy.hidden, inputs[REF_HIDDEN_KEY], weights)
             logps = policy.logps  # l_t with its gradient, from trl's own loss forward
-            future = _future_sum(kl_terms.detach())
-            surrogate = kl_terms + (logps - logps.detach()) * future
-            loss = loss + beta * self._reduce(surrogate, mask, inputs, mode)
+            future = _future_sum(kl_terms)
+            loss = loss + kl_loss + beta * self._reduce((logps - logps.detach()) * future, mask, inputs, mode)
+        elif self._rb_metric:
+            with torch.no_grad():
+                kl_terms = self._token_kl(model, policy.hidden, inputs[REF_HIDDEN_KEY], mask)
 
         metrics = {"kl/k1": masked_sequence_sum(policy.logps.detach() - inputs["ref_per_token_logps"], mask)}
         if kl_terms is not None:
@@ -355,6 +361,28 @@ class GRPOTrainer(HiddenCaptureMixin, trl.GRPOTrainer):
             temperature=self.temperature,
             mask=mask,
         )
+
+    def _weighted_token_kl(self, model, policy_hidden, ref_hidden, weights) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum_t weights_t K_t with gradient to the policy, K_t [B, C] detached; 0 where the weight is 0)."""
+        policy_head = head_params(model)
+        ref_head = reference_head(self)
+        return weighted_kl_sum_from_hidden(
+            policy_hidden.to(policy_head.weight.dtype),
+            policy_head,
+            ref_hidden.to(ref_head.weight.dtype),
+            ref_head,
+            weights,
+            temperature=self.temperature,
+            return_token_kl=True,
+        )
+
+    def _reduce_weights(self, mask: torch.Tensor, inputs: dict[str, Any], mode: str) -> torch.Tensor:
+        """[B, C] float64 weights w with ``_reduce(x) == (w * x).sum()`` for every x (the reduction is linear):
+        its gradient, 0 on padding. float64 so that a float64 model's loss keeps its precision."""
+        with torch.enable_grad():
+            probe = torch.zeros(mask.shape, dtype=torch.float64, device=mask.device, requires_grad=True)
+            (weights,) = torch.autograd.grad(self._reduce(probe, mask, inputs, mode), probe)
+        return weights
 
     def _reduce(self, per_token: torch.Tensor, mask: torch.Tensor, inputs: dict[str, Any], mode: str) -> torch.Tensor:
         return reduce_like_loss_type(

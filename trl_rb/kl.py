@@ -16,6 +16,7 @@ beyond its inputs and output is bounded by the chunk, not by the number of posit
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -26,6 +27,7 @@ __all__ = [
     "kl_estimate",
     "kl_surrogate",
     "linear_token_kl",
+    "linear_weighted_kl_sum",
     "sequence_kl_terms",
     "token_kl",
     "token_logprobs",
@@ -45,9 +47,10 @@ _ALIASES = {alias: name for name, aliases in ESTIMATORS.items() for alias in (na
 # temporaries in the L2 cache, which measured fastest (2**16 .. 2**21 tried, V = 50257 and 151936, see
 # benchmarks/bench_kl.py), and bounds the extra memory at a few MiB whatever the number of positions.
 _CHUNK_ELEMENTS = 2**18
-# linear_token_kl multiplies each chunk of hidden states by the whole LM-head weight: more rows per chunk amortise
-# reading the weight, so its chunks are larger (4 MiB temporaries).
-_LINEAR_CHUNK_ELEMENTS = 2**20
+# linear_token_kl and linear_weighted_kl_sum multiply each chunk of hidden states by the whole [V, H] LM-head weight,
+# so every chunk streams the head through the cache: tall chunks amortise that and matter on CPU. Their buffers are
+# [chunk, V] float32 of 16 MiB each (three to five live, reused across chunks).
+_LINEAR_CHUNK_ELEMENTS = 2**22
 
 
 def canonical_estimator(name: str, allowed: tuple[str, ...] | None = None) -> str:
@@ -295,108 +298,224 @@ def compute_kl(
 
 # --------------------------------------------------------------------------------------------------------------------
 # KL from last hidden states and LM-head weights: neither direction ever holds more than a chunk of [N, V] logits.
+# One kernel (_kl_pass) serves linear_token_kl (forward, and its recompute-in-backward) and linear_weighted_kl_sum
+# (value and policy gradient in a single forward pass).
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _head_logits(hidden, weight, bias, scale, softcap, temperature, dtype):
-    """Logits of one chunk as the sampler sees them: ((h W^T + b) * scale, soft-capped) / T, in ``dtype``, minus
-    each row's max (the softmax is unchanged).
+class _Head(NamedTuple):
+    """One model's LM head as the sampler sees it: z = softcap * tanh((h W^T + b) * scale / softcap) / T."""
 
-    Returns (z, dz/draw) where the derivative is None when the transform is linear.
+    weight: torch.Tensor  # [V, H]
+    bias: torch.Tensor | None  # [V]
+    scale: float
+    softcap: float | None
+
+
+class _Buffers:
+    """Reusable [rows, V] buffers for one pass (allocating fresh ones per chunk costs page faults on CPU)."""
+
+    def __init__(self, rows: int, vocab: int, dtype: torch.dtype, device: torch.device, derivs: tuple[bool, bool]):
+        def make() -> torch.Tensor:
+            return torch.empty(rows, vocab, dtype=dtype, device=device)
+
+        self.p, self.q, self.tmp = make(), make(), make()
+        self.deriv_p = make() if derivs[0] else None
+        self.deriv_q = make() if derivs[1] else None
+
+
+def _log_softmax_into(
+    out: torch.Tensor,
+    tmp: torch.Tensor,
+    hidden: torch.Tensor,
+    head: _Head,
+    temperature: float,
+    deriv: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Write log softmax of the sampling logits of ``hidden`` [n, H] into ``out`` [n, V]; leaves exp(z - max) in
+    ``tmp`` and returns its row sums [n, 1] (so p = tmp / sums). With soft-capping, ``deriv`` (when given) receives
+    dz / d raw = (1 - tanh^2) * scale / T; without it, dz / d raw is the scalar scale / T.
+
+    Each row's max is subtracted before the log-sum-exp, so log-probabilities keep full relative precision even for
+    logits of magnitude 1e4 (see ``_scale``)."""
+    w, b = head.weight, head.bias
+    if hidden.dtype == w.dtype == out.dtype and (b is None or b.dtype == out.dtype):
+        torch.mm(hidden, w.t(), out=out) if b is None else torch.addmm(b, hidden, w.t(), out=out)
+    else:  # low-precision head: the product runs in its dtype (as in trl's fused head), then one float32 copy
+        raw = hidden.to(w.dtype) @ w.t()
+        out.copy_(raw if b is None else raw + b)
+        del raw
+    if head.softcap is None:
+        if head.scale != temperature:  # skip a pass over [n, V] in the common case scale = T = 1
+            out.mul_(head.scale / temperature)
+    elif deriv is None:
+        out.mul_(head.scale / head.softcap).tanh_().mul_(head.softcap / temperature)
+    else:
+        torch.tanh(out.mul_(head.scale / head.softcap), out=deriv)
+        out.copy_(deriv).mul_(head.softcap / temperature)
+        deriv.mul_(deriv).neg_().add_(1).mul_(head.scale / temperature)
+    rowmax = out.amax(dim=-1, keepdim=True)
+    rowmax = torch.where(torch.isfinite(rowmax), rowmax, torch.zeros_like(rowmax))  # an all -inf row: no NaN
+    out.sub_(rowmax)
+    sums = torch.exp(out, out=tmp).sum(dim=-1, keepdim=True)
+    out.sub_(sums.log())
+    return sums
+
+
+def _fix_bad_rows(kl: torch.Tensor, bad: torch.Tensor, p: torch.Tensor, diff: torch.Tensor) -> torch.Tensor:
+    """KL of the rows that hit 0 * inf, with ``_chunk_kl``'s conventions: entries where p is 0 contribute 0, entries
+    where q is 0 and p > 0 contribute +inf (even when p underflows to 0), a NaN logit still gives NaN. Also zeroes
+    ``diff`` where p is 0 in those rows, so the gradient formula p * (diff - KL) stays finite there."""
+    rows = bad.nonzero().squeeze(-1)
+    pr, d = p[rows], diff[rows]
+    contrib = torch.where(d == math.inf, d, pr * d)
+    # NaN from 0 * -inf or from -inf - (-inf) (both probabilities 0), but not from a NaN row (p is NaN there)
+    contrib = contrib.masked_fill_(torch.isnan(contrib) & ~torch.isnan(pr), 0)
+    diff[rows] = d.masked_fill_(pr == 0, 0)
+    return kl.index_put((rows,), contrib.sum(-1))
+
+
+def _kl_pass(
+    hp: torch.Tensor,
+    head_p: _Head,
+    hq: torch.Tensor,
+    head_q: _Head,
+    temperature: float,
+    chunk: int,
+    dtype: torch.dtype,
+    weights: torch.Tensor | None = None,
+    need: tuple[bool, ...] = (False,) * 6,
+) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    """One pass over [chunk, V] logits: the per-row KL(p_n || q_n) [N] (``dtype``), and, when ``weights`` [N] is given,
+    the gradients of sum_n weights_n * KL_n with respect to (hp, head_p.weight, head_p.bias, hq, head_q.weight,
+    head_q.bias), those whose ``need`` flag is set (others None). Hidden-state gradients have the hidden states' dtype;
+    weight and bias gradients are accumulated in ``dtype`` (float32 or float64) whatever the parameters' dtype.
+
+    hp [N, H_p], hq [N, H_q]: row n of each is position n. Rows with weight 0 get exactly zero gradient.
     """
-    raw = hidden @ weight.t()
-    if bias is not None:
-        raw = raw + bias
-    z = raw.to(dtype) * (scale / temperature) if softcap is None else raw.to(dtype) * scale
-    if softcap is None:
-        return _center_(z), None
-    t = torch.tanh(z / softcap)
-    return _center_(softcap * t / temperature), (1 - t * t) * (scale / temperature)
+    n_rows, vocab = hp.shape[0], head_p.weight.shape[0]
+    rows = min(chunk, max(n_rows, 1))
+    grad_p = weights is not None and any(need[:3])
+    grad_q = weights is not None and any(need[3:6])
+    buf = _Buffers(
+        rows, vocab, dtype, hp.device, (grad_p and head_p.softcap is not None, grad_q and head_q.softcap is not None)
+    )
+    kl_all = torch.empty(n_rows, dtype=dtype, device=hp.device)
+    grads: list[torch.Tensor | None] = [None] * 6
+    for offset, h, head in ((0, hp, head_p), (3, hq, head_q)):
+        if weights is None:
+            break
+        if need[offset]:
+            grads[offset] = torch.empty_like(h)
+        if need[offset + 1]:
+            grads[offset + 1] = torch.zeros(head.weight.shape, dtype=dtype, device=head.weight.device)
+        if need[offset + 2] and head.bias is not None:
+            grads[offset + 2] = torch.zeros(vocab, dtype=dtype, device=head.weight.device)
+    for s in range(0, n_rows, rows):
+        e = min(s + rows, n_rows)
+        logp, logq, p = buf.p[: e - s], buf.q[: e - s], buf.tmp[: e - s]
+        dp = None if buf.deriv_p is None else buf.deriv_p[: e - s]
+        dq = None if buf.deriv_q is None else buf.deriv_q[: e - s]
+        _log_softmax_into(logq, p, hq[s:e], head_q, temperature, dq)
+        sums = _log_softmax_into(logp, p, hp[s:e], head_p, temperature, dp)
+        p.div_(sums)
+        diff = logp.sub_(logq)  # log p - log q, in place of log p
+        kl = torch.linalg.vecdot(p, diff)
+        bad = torch.isnan(kl)
+        if bad.any():  # only rows with a -inf logit pay for the fix
+            kl = _fix_bad_rows(kl, bad, p, diff)
+        kl_all[s:e] = kl
+        if not (grad_p or grad_q):
+            continue
+        g = weights[s:e].to(dtype).unsqueeze(-1)
+        unused = (g == 0).squeeze(-1)
+        unused = unused if unused.any() else None
+        # d KL_n / d zq_v = q_v - p_v, in place of log q (before p is scaled into the policy's gradient below)
+        if grad_q:
+            gzq = logq.exp_().sub_(p).mul_(g if dq is not None else g * (head_q.scale / temperature))
+            _chain(gzq if dq is None else gzq.mul_(dq), unused, hq, head_q, grads, 3, s, e, dtype)
+        # d KL_n / d zp_v = p_v (log p_v - log q_v - KL_n), in place of the difference
+        if grad_p:
+            gzp = diff.sub_(kl.unsqueeze(-1)).mul_(p).mul_(g if dp is not None else g * (head_p.scale / temperature))
+            _chain(gzp if dp is None else gzp.mul_(dp), unused, hp, head_p, grads, 0, s, e, dtype)
+    return kl_all, grads
 
 
-def _center_(z: torch.Tensor) -> torch.Tensor:
-    """Subtract each row's max in place (see ``_scale`` for why)."""
-    return z.sub_(torch.nan_to_num(z.amax(dim=-1, keepdim=True), nan=0.0, posinf=0.0, neginf=0.0))
+def _chain(
+    graw: torch.Tensor,
+    unused: torch.Tensor | None,
+    h: torch.Tensor,
+    head: _Head,
+    grads: list[torch.Tensor | None],
+    offset: int,
+    s: int,
+    e: int,
+    dtype: torch.dtype,
+) -> None:
+    """Push one chunk's gradient with respect to the raw logits [n, V] back to the hidden states, weight and bias."""
+    if unused is not None:
+        graw[unused] = 0  # rows the loss does not use (padding) get exactly 0, even where their KL is inf or NaN
+    w = head.weight
+    grad_h, grad_w, grad_b = grads[offset : offset + 3]
+    if grad_h is not None:
+        grad_h[s:e] = (graw.to(w.dtype) @ w).to(h.dtype)
+    if grad_w is not None:
+        grad_w.addmm_(graw.t(), h[s:e].to(dtype))
+    if grad_b is not None:
+        grad_b += graw.sum(0)
+
+
+def _cast_grads(grads: list[torch.Tensor | None], inputs: tuple[torch.Tensor | None, ...]) -> list[torch.Tensor | None]:
+    return [None if g is None else g.to(x.dtype) for g, x in zip(grads, inputs, strict=True)]
 
 
 class _LinearTokenKL(torch.autograd.Function):
+    """Per-position KL [N] from hidden states and heads; the backward recomputes each chunk's logits (general case:
+    any upstream gradient, any input differentiable)."""
+
     @staticmethod
     def forward(ctx, hp, wp, bp, hq, wq, bq, temperature, chunk, scale_p, scale_q, cap_p, cap_q, dtype):  # type: ignore[override]
-        n = hp.shape[0]
-        out = torch.empty(n, dtype=dtype, device=hp.device)
-        for s in range(0, n, chunk):
-            e = min(s + chunk, n)
-            zp, _ = _head_logits(hp[s:e], wp, bp, scale_p, cap_p, temperature, dtype)
-            zq, _ = _head_logits(hq[s:e], wq, bq, scale_q, cap_q, temperature, dtype)
-            out[s:e] = _chunk_kl(zp, zq)
-        ctx.save_for_backward(hp, wp, bp, hq, wq, bq, out)
+        head_p, head_q = _Head(wp, bp, scale_p, cap_p), _Head(wq, bq, scale_q, cap_q)
+        kl, _ = _kl_pass(hp, head_p, hq, head_q, temperature, chunk, dtype)
+        ctx.save_for_backward(hp, wp, bp, hq, wq, bq)
         ctx.args = (temperature, chunk, scale_p, scale_q, cap_p, cap_q, dtype)
-        return out
+        return kl
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
-        hp, wp, bp, hq, wq, bq, out = ctx.saved_tensors
+        hp, wp, bp, hq, wq, bq = ctx.saved_tensors
         temperature, chunk, scale_p, scale_q, cap_p, cap_q, dtype = ctx.args
-        need = ctx.needs_input_grad
-        # Accumulate the weight gradients in float32 (or float64) whatever the parameter dtype.
-        grads = [
-            torch.zeros(x.shape, dtype=dtype, device=x.device) if (x is not None and need[i]) else None
-            for i, x in enumerate((hp, wp, bp, hq, wq, bq))
-        ]
-        for s in range(0, hp.shape[0], chunk):
-            e = min(s + chunk, hp.shape[0])
-            zp, dp = _head_logits(hp[s:e], wp, bp, scale_p, cap_p, temperature, dtype)
-            zq, dq = _head_logits(hq[s:e], wq, bq, scale_q, cap_q, temperature, dtype)
-            gzp, gzq = _chunk_kl_grads(zp, zq, out[s:e], grad_out[s:e].to(dtype), any(need[3:6]))
-            for offset, gz, deriv, scale, h, w in ((0, gzp, dp, scale_p, hp, wp), (3, gzq, dq, scale_q, hq, wq)):
-                if not any(need[offset : offset + 3]):
-                    continue
-                graw = gz * deriv if deriv is not None else gz * (scale / temperature)
-                if need[offset]:
-                    grads[offset][s:e] = (graw.to(w.dtype) @ w).to(dtype)
-                if need[offset + 1]:
-                    grads[offset + 1] += graw.t() @ h[s:e].to(dtype)
-                if grads[offset + 2] is not None:
-                    grads[offset + 2] += graw.sum(0)
-        cast = [g.to(x.dtype) if g is not None else None for g, x in zip(grads, (hp, wp, bp, hq, wq, bq), strict=True)]
-        return (*cast, None, None, None, None, None, None, None)
+        head_p, head_q = _Head(wp, bp, scale_p, cap_p), _Head(wq, bq, scale_q, cap_q)
+        need = tuple(ctx.needs_input_grad[:6])
+        _, grads = _kl_pass(hp, head_p, hq, head_q, temperature, chunk, dtype, weights=grad_out, need=need)
+        return (*_cast_grads(grads, (hp, wp, bp, hq, wq, bq)), None, None, None, None, None, None, None)
 
 
-def linear_token_kl(
-    hidden_p: torch.Tensor,
-    weight_p: torch.Tensor,
-    hidden_q: torch.Tensor,
-    weight_q: torch.Tensor,
-    *,
-    bias_p: torch.Tensor | None = None,
-    bias_q: torch.Tensor | None = None,
-    temperature: float = 1.0,
-    chunk_size: int | None = None,
-    logit_scale_p: float = 1.0,
-    logit_scale_q: float = 1.0,
-    softcap_p: float | None = None,
-    softcap_q: float | None = None,
-) -> torch.Tensor:
-    """Exact per-position KL(p || q) from last hidden states and LM-head weights, without [N, V] logits.
+class _WeightedKLSum(torch.autograd.Function):
+    """(sum_n w_n KL_n, KL [N] detached) with the policy-side gradient computed in the forward pass.
 
-    The logits of each model are ``z = softcap * tanh((h @ W.T + b) * logit_scale / softcap) / T`` (the soft-cap
-    only when given), the transform trl's fused LM head applies. Positions are processed in chunks; the backward
-    recomputes each chunk's logits, so neither direction holds more than a few [chunk, V] float32 tensors.
-
-    Args:
-        hidden_p: policy last hidden states [..., H_p], aligned so that position i predicts token i (i.e. the
-            hidden state *before* each completion token).
-        weight_p: policy LM-head weight [V, H_p]; bias_p optional [V].
-        hidden_q: reference last hidden states [..., H_q] (same leading shape as hidden_p); weight_q [V, H_q].
-        temperature: the sampling temperature.
-        chunk_size: positions per chunk (default about 2**20 / V).
-        logit_scale_p, logit_scale_q, softcap_p, softcap_q: per-model logit scaling and soft-capping (e.g. the
-            config's ``logit_scale`` and ``final_logit_softcapping``).
-
-    Returns:
-        [...] float32 (float64 if any input is float64). Differentiable with respect to every hidden state, weight
-        and bias that requires grad; the matrix products run in the weights' dtype, the softmax math in float32.
+    The weights are known when the loss is built, so one pass over the [chunk, V] logits gives both the value and
+    d/d(hidden_p, weight_p, bias_p); the backward only scales them. That saves recomputing both models' logits in the
+    backward (two of the six [N, H] x [H, V] products of a recompute-in-backward kernel).
     """
+
+    @staticmethod
+    def forward(ctx, hp, wp, bp, hq, wq, bq, weights, temperature, chunk, scale_p, scale_q, cap_p, cap_q, dtype):  # type: ignore[override]
+        head_p, head_q = _Head(wp, bp, scale_p, cap_p), _Head(wq, bq, scale_q, cap_q)
+        need = (*ctx.needs_input_grad[:3], False, False, False)
+        kl, grads = _kl_pass(hp, head_p, hq, head_q, temperature, chunk, dtype, weights=weights, need=need)
+        total = torch.linalg.vecdot(weights.to(dtype), kl)
+        ctx.save_for_backward(*_cast_grads(grads[:3], (hp, wp, bp)))
+        ctx.mark_non_differentiable(kl)
+        return total, kl
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_kl):  # type: ignore[override]
+        scaled = [None if g is None else grad_total.to(g.dtype) * g for g in ctx.saved_tensors]
+        return (*scaled, *([None] * 11))
+
+
+def _check_linear_inputs(hidden_p, weight_p, hidden_q, weight_q, temperature, softcap_p, softcap_q) -> None:
     for name, t in (("hidden_p", hidden_p), ("weight_p", weight_p), ("hidden_q", hidden_q), ("weight_q", weight_q)):
         _check_float(name, t)
     _check_temperature(temperature)
@@ -419,10 +538,48 @@ def linear_token_kl(
     for cap in (softcap_p, softcap_q):
         if cap is not None and not cap > 0:
             raise ValueError(f"softcap must be > 0 or None, got {cap!r}.")
-    vocab = weight_p.shape[0]
-    chunk = _default_chunk(vocab, chunk_size, _LINEAR_CHUNK_ELEMENTS)
+
+
+def linear_token_kl(
+    hidden_p: torch.Tensor,
+    weight_p: torch.Tensor,
+    hidden_q: torch.Tensor,
+    weight_q: torch.Tensor,
+    *,
+    bias_p: torch.Tensor | None = None,
+    bias_q: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+    logit_scale_p: float = 1.0,
+    logit_scale_q: float = 1.0,
+    softcap_p: float | None = None,
+    softcap_q: float | None = None,
+) -> torch.Tensor:
+    """Exact per-position KL(p || q) from last hidden states and LM-head weights, without [N, V] logits.
+
+    The logits of each model are ``z = softcap * tanh((h @ W.T + b) * logit_scale / softcap) / T`` (the soft-cap
+    only when given), the transform trl's fused LM head applies. Positions are processed in chunks; the backward
+    recomputes each chunk's logits, so neither direction holds more than a few [chunk, V] float32 tensors. For a
+    loss ``sum(weights * KL)`` with weights known in advance, ``linear_weighted_kl_sum`` is faster.
+
+    Args:
+        hidden_p: policy last hidden states [..., H_p], aligned so that position i predicts token i (i.e. the
+            hidden state *before* each completion token).
+        weight_p: policy LM-head weight [V, H_p]; bias_p optional [V].
+        hidden_q: reference last hidden states [..., H_q] (same leading shape as hidden_p); weight_q [V, H_q].
+        temperature: the sampling temperature.
+        chunk_size: positions per chunk (default about 2**22 / V: every chunk streams the whole head, so tall
+            chunks are faster on CPU; a few [chunk, V] buffers of 16 MiB each are live).
+        logit_scale_p, logit_scale_q, softcap_p, softcap_q: per-model logit scaling and soft-capping (e.g. the
+            config's ``logit_scale`` and ``final_logit_softcapping``).
+
+    Returns:
+        [...] float32 (float64 if any input is float64). Differentiable with respect to every hidden state, weight
+        and bias that requires grad; the matrix products run in the weights' dtype, the softmax math in float32.
+    """
+    _check_linear_inputs(hidden_p, weight_p, hidden_q, weight_q, temperature, softcap_p, softcap_q)
+    chunk = _default_chunk(weight_p.shape[0], chunk_size, _LINEAR_CHUNK_ELEMENTS)
     dtype = _compute_dtype(hidden_p, weight_p, hidden_q, weight_q)
-    lead = hidden_p.shape[:-1]
     flat = _LinearTokenKL.apply(
         hidden_p.reshape(-1, hidden_p.shape[-1]),
         weight_p,
@@ -438,7 +595,88 @@ def linear_token_kl(
         softcap_q,
         dtype,
     )
-    return flat.view(lead)
+    return flat.view(hidden_p.shape[:-1])
+
+
+def linear_weighted_kl_sum(
+    hidden_p: torch.Tensor,
+    weight_p: torch.Tensor,
+    hidden_q: torch.Tensor,
+    weight_q: torch.Tensor,
+    weights: torch.Tensor,
+    *,
+    bias_p: torch.Tensor | None = None,
+    bias_q: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+    logit_scale_p: float = 1.0,
+    logit_scale_q: float = 1.0,
+    softcap_p: float | None = None,
+    softcap_q: float | None = None,
+    return_token_kl: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """sum over positions of weights * KL(p || q), from hidden states and LM heads, gradient computed in the forward.
+
+    Same model of the logits as ``linear_token_kl``. Its value and gradient equal those of
+    ``(weights * linear_token_kl(...)).sum()`` with the reference side held constant, at about two thirds of the
+    LM-head work: the weights being known, one pass gives the value and the policy's gradient, and the backward
+    only scales the saved gradients (which cost the size of hidden_p, weight_p and bias_p).
+
+    Args:
+        hidden_p: policy last hidden states [..., H_p], position-aligned (position i predicts token i); any float
+            dtype. Gradients flow into it, ``weight_p`` [V, H_p] and ``bias_p`` [V] (those that require grad).
+        hidden_q, weight_q, bias_q: the reference side, [..., H_q], [V, H_q], [V]; detached (a constant: no gradient
+            flows into it, whether or not it requires grad).
+        weights: [...] (the leading shape of hidden_p) float weights, constant (detached). Positions with weight 0
+            are skipped entirely: padding costs nothing and its hidden states may hold anything.
+        temperature, chunk_size, logit_scale_*, softcap_*: as in ``linear_token_kl``.
+        return_token_kl: also return the per-position KL values (detached), 0 where the weight is 0, from the same
+            pass.
+
+    Returns:
+        A 0-d float32 tensor (float64 if any input is float64); with ``return_token_kl``, the pair (sum, KL [...]).
+        Under ``torch.no_grad()`` only the values are computed.
+    """
+    _check_linear_inputs(hidden_p, weight_p, hidden_q, weight_q, temperature, softcap_p, softcap_q)
+    _check_float("weights", weights)
+    if weights.shape != hidden_p.shape[:-1]:
+        raise ValueError(
+            f"weights {tuple(weights.shape)} must have hidden_p's leading shape: hidden_p {tuple(hidden_p.shape)} -> "
+            f"expected weights {tuple(hidden_p.shape[:-1])} (one weight per position)."
+        )
+    if not torch.is_grad_enabled():
+        hidden_p, weight_p = hidden_p.detach(), weight_p.detach()
+        bias_p = None if bias_p is None else bias_p.detach()
+    chunk = _default_chunk(weight_p.shape[0], chunk_size, _LINEAR_CHUNK_ELEMENTS)
+    dtype = _compute_dtype(hidden_p, weight_p, hidden_q, weight_q)
+    weights = weights.detach()
+    keep = weights != 0
+    keep_all = bool(keep.all())
+    hp, hq = hidden_p.reshape(-1, hidden_p.shape[-1]), hidden_q.detach().reshape(-1, hidden_q.shape[-1])
+    w = weights.reshape(-1)
+    if not keep_all:
+        flat_keep = keep.reshape(-1)
+        hp, hq, w = hp[flat_keep], hq[flat_keep], w[flat_keep]
+    total, kl = _WeightedKLSum.apply(
+        hp,
+        weight_p,
+        bias_p,
+        hq,
+        weight_q.detach(),
+        None if bias_q is None else bias_q.detach(),
+        w,
+        float(temperature),
+        chunk,
+        float(logit_scale_p),
+        float(logit_scale_q),
+        softcap_p,
+        softcap_q,
+        dtype,
+    )
+    if not return_token_kl:
+        return total
+    token_kl_values = kl.view(weights.shape) if keep_all else kl.new_zeros(weights.shape).masked_scatter(keep, kl)
+    return total, token_kl_values
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ trl's fused LM head (per-token log-probs, no [B, T, V] logits). ``HiddenCaptureM
 recording is open (``with self._rb_recording() as calls``), every call also records the backbone's last hidden
 states of the completion positions (a forward hook, so no extra forward pass) in a ``ScoredCall``; a subclass may
 rewrite the returned log-probs in ``_rb_transform_call``. The exact per-token KL K_n then comes from those hidden
-states and each model's LM head through ``trl_rb.kl.linear_token_kl``.
+states and each model's LM head through ``trl_rb.kl`` (``linear_token_kl``, ``linear_weighted_kl_sum``).
 
 Alignment: every [B, C, ...] tensor here is completion-aligned like trl's ``logits_to_keep``: position i belongs to
 completion token i (for hidden states, the hidden state just *before* token i, which predicts it).
@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .kl import linear_token_kl
+from .kl import linear_token_kl, linear_weighted_kl_sum
 from .lm_head import HeadParams, capture_last_hidden, completion_hidden, head_params, unwrap_causal_lm
 
 __all__ = [
@@ -113,6 +113,18 @@ class HiddenCaptureMixin:
         return self._rb_transform_call(call, logps), entropies, aux
 
 
+def _head_kwargs(policy_head: HeadParams, ref_head: HeadParams) -> dict[str, Any]:
+    """The kl.py keyword arguments of the two heads (the reference's bias detached: it is a constant)."""
+    return dict(
+        bias_p=policy_head.bias,
+        bias_q=None if ref_head.bias is None else ref_head.bias.detach(),
+        logit_scale_p=policy_head.logit_scale,
+        logit_scale_q=ref_head.logit_scale,
+        softcap_p=policy_head.softcap,
+        softcap_q=ref_head.softcap,
+    )
+
+
 def token_kl_from_hidden(
     policy_hidden: torch.Tensor,
     policy_head: HeadParams,
@@ -123,7 +135,8 @@ def token_kl_from_hidden(
     mask: torch.Tensor | None = None,
     chunk_size: int | None = None,
 ) -> torch.Tensor:
-    """Exact per-token KL(p_n || q_n) [B, C] from the two models' completion hidden states and LM heads.
+    """Exact per-token KL(p_n || q_n) [B, C] from the two models' completion hidden states and LM heads
+    (``trl_rb.kl.linear_token_kl``).
 
     Args:
         policy_hidden: [B, C, H_p] policy hidden states, completion-aligned; gradients flow into them and into
@@ -131,179 +144,26 @@ def token_kl_from_hidden(
         ref_hidden: [B, C, H_q] reference hidden states; the reference side is detached (it is a constant).
         temperature: the sampling temperature (trl's ``args.temperature``).
         mask: optional [B, C]; only positions where it is 1 are computed, the others are exactly 0.
+        chunk_size: positions per chunk (default: ``linear_token_kl``'s).
 
     Returns:
         [B, C] float32 (float64 for float64 inputs).
     """
     keep = None if mask is None else mask.bool()
     hp, hq = (policy_hidden, ref_hidden) if keep is None else (policy_hidden[keep], ref_hidden[keep])
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (policy_hidden, policy_head.weight, policy_head.bias)
+    k = linear_token_kl(
+        hp,
+        policy_head.weight,
+        hq.detach(),
+        ref_head.weight.detach(),
+        temperature=temperature,
+        chunk_size=chunk_size,
+        **_head_kwargs(policy_head, ref_head),
     )
-    if not needs_grad:
-        # values only (scoring, metrics): the buffer-reusing single pass, no autograd bookkeeping
-        flat_p, flat_q = hp.reshape(-1, hp.shape[-1]), hq.reshape(-1, hq.shape[-1]).detach()
-        chunk = _chunk_rows(policy_head.weight.shape[0], chunk_size)
-        with torch.no_grad():
-            k, _ = _kl_pass(flat_p, policy_head, flat_q, _detached(ref_head), temperature, chunk)
-        k = k.view(hp.shape[:-1])
-    else:
-        k = linear_token_kl(
-            hp,
-            policy_head.weight,
-            hq.detach(),
-            ref_head.weight.detach(),
-            bias_p=policy_head.bias,
-            bias_q=None if ref_head.bias is None else ref_head.bias.detach(),
-            temperature=temperature,
-            chunk_size=chunk_size,
-            logit_scale_p=policy_head.logit_scale,
-            logit_scale_q=ref_head.logit_scale,
-            softcap_p=policy_head.softcap,
-            softcap_q=ref_head.softcap,
-        )
     if keep is None:
         return k
     # only real tokens are computed (padding costs nothing); padding is exactly 0
     return k.new_zeros(keep.shape).masked_scatter(keep, k)
-
-
-# Elements of one [chunk, V] float32 buffer of the kernel below (16 MiB; three or four are live). Row chunks this
-# tall matter on CPU: every chunk streams the whole [V, H] head through the cache, so short chunks are slow.
-_CHUNK_ELEMENTS = 2**22
-
-
-def _chunk_rows(vocab: int, chunk_size: int | None) -> int:
-    if chunk_size is None:
-        return max(1, _CHUNK_ELEMENTS // max(vocab, 1))
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}.")
-    return chunk_size
-
-
-class _Buffers:
-    """Reusable [rows, V] buffers (allocating fresh ones per chunk costs page faults on CPU)."""
-
-    def __init__(self, rows: int, vocab: int, dtype: torch.dtype, device: torch.device, softcap: bool):
-        def make() -> torch.Tensor:
-            return torch.empty(rows, vocab, dtype=dtype, device=device)
-
-        self.p, self.q, self.tmp = make(), make(), make()
-        self.deriv = make() if softcap else None
-
-
-def _log_softmax_into(
-    out: torch.Tensor, tmp: torch.Tensor, hidden: torch.Tensor, head: HeadParams, temperature: float,
-    deriv: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Write log softmax of the sampling logits of ``hidden`` [n, H] into ``out`` [n, V]; leaves exp(z - max) in
-    ``tmp`` and returns the row sums [n, 1] of it (so p = tmp / sums). With soft-capping, ``deriv`` receives
-    d z / d raw = (1 - tanh^2) * scale / T."""
-    w, b = head.weight, head.bias
-    if hidden.dtype == w.dtype == out.dtype and (b is None or b.dtype == out.dtype):
-        torch.mm(hidden, w.t(), out=out) if b is None else torch.addmm(b, hidden, w.t(), out=out)
-    else:  # low-precision model: the product runs in its dtype (as in trl's fused head), then one float32 copy
-        raw = hidden.to(w.dtype) @ w.t()
-        out.copy_(raw if b is None else raw + b)
-        del raw
-    if head.softcap is None:
-        if head.logit_scale != temperature:  # skip a pass over [n, V] in the common case scale = T = 1
-            out.mul_(head.logit_scale / temperature)
-    elif deriv is None:
-        out.mul_(head.logit_scale / head.softcap).tanh_().mul_(head.softcap / temperature)
-    else:
-        torch.tanh(out.mul_(head.logit_scale / head.softcap), out=deriv)
-        out.copy_(deriv).mul_(head.softcap / temperature)
-        deriv.mul_(deriv).neg_().add_(1).mul_(head.logit_scale / temperature)
-    rowmax = out.amax(dim=-1, keepdim=True)
-    rowmax = torch.where(torch.isfinite(rowmax), rowmax, torch.zeros_like(rowmax))  # an all -inf row: no NaN
-    out.sub_(rowmax)
-    sums = torch.exp(out, out=tmp).sum(dim=-1, keepdim=True)
-    out.sub_(sums.log())
-    return sums
-
-
-def _kl_pass(
-    hp: torch.Tensor, head_p: HeadParams, hq: torch.Tensor, head_q: HeadParams, temperature: float, chunk: int,
-    weights: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None]:
-    """One pass over [chunk, V] logits: per-row KL(p || q) [N], and, when ``weights`` [N] is given, the gradients of
-    sum_n weights_n * KL_n with respect to hp, head_p.weight and head_p.bias (float32 math, float64 for float64)."""
-    wp = head_p.weight
-    dtype = torch.float64 if torch.float64 in (hp.dtype, wp.dtype, hq.dtype, head_q.weight.dtype) else torch.float32
-    n_rows, vocab = hp.shape[0], wp.shape[0]
-    rows = min(chunk, max(n_rows, 1))
-    buf = _Buffers(rows, vocab, dtype, hp.device, head_p.softcap is not None)
-    kl_all = torch.empty(n_rows, dtype=dtype, device=hp.device)
-    grads = None
-    if weights is not None:
-        grad_h = torch.empty_like(hp)
-        grad_w = torch.zeros(wp.shape, dtype=dtype, device=wp.device)
-        grad_b = None if head_p.bias is None else torch.zeros(vocab, dtype=dtype, device=wp.device)
-        grads = (grad_h, grad_w, grad_b)
-    for s in range(0, n_rows, rows):
-        e = min(s + rows, n_rows)
-        logp, logq, p = buf.p[: e - s], buf.q[: e - s], buf.tmp[: e - s]
-        deriv = None if buf.deriv is None else buf.deriv[: e - s]
-        _log_softmax_into(logq, p, hq[s:e], head_q, temperature)
-        sums = _log_softmax_into(logp, p, hp[s:e], head_p, temperature, deriv)
-        p.div_(sums)
-        diff = logp.sub_(logq)  # log p - log q, in place of log p
-        kl = torch.linalg.vecdot(p, diff)
-        bad = torch.isnan(kl)
-        if bad.any():
-            # 0 * -inf where p is 0 (a -inf logit): those entries contribute 0. Only such rows pay for the fix.
-            diff[bad] = diff[bad].masked_fill(p[bad] == 0, 0)
-            kl = torch.linalg.vecdot(p, diff)
-        kl_all[s:e] = kl
-        if grads is None:
-            continue
-        # d KL_n / d z_v = p_v (log p_v - log q_v - KL_n), times weights_n (and d z / d raw)
-        row_weight = weights[s:e].to(dtype).unsqueeze(-1)
-        if deriv is None:  # d z / d raw is the scalar scale / T: fold it into the row weights
-            row_weight = row_weight * (head_p.logit_scale / temperature)
-        graw = diff.sub_(kl.unsqueeze(-1)).mul_(p).mul_(row_weight)
-        if deriv is not None:
-            graw.mul_(deriv)
-        grad_h, grad_w, grad_b = grads
-        grad_h[s:e] = (graw.to(wp.dtype) @ wp).to(hp.dtype)
-        grad_w.addmm_(graw.t(), hp[s:e].to(dtype))
-        if grad_b is not None:
-            grad_b += graw.sum(0)
-    return kl_all, grads
-
-
-class _WeightedKLSum(torch.autograd.Function):
-    """sum_n w_n KL(p_n || q_n) from hidden states and LM heads; the gradient is computed in the forward pass.
-
-    The weights w are known when the loss is built, so one pass over the [chunk, V] logits gives both the value and
-    d/d(hidden_p, weight_p, bias_p); the backward only scales them. That saves recomputing the logits of both models
-    in the backward (two of the six [N, H] x [H, V] products a recompute-in-backward kernel needs).
-    """
-
-    @staticmethod
-    def forward(ctx, hp, wp, bp, hq, wq, bq, weights, temperature, scale_p, scale_q, cap_p, cap_q, chunk):  # type: ignore[override]
-        head_p, head_q = HeadParams(wp, bp, scale_p, cap_p), HeadParams(wq, bq, scale_q, cap_q)
-        # under no_grad (e.g. evaluation) only the value is computed
-        need_grad = any(ctx.needs_input_grad[:3])
-        kl, grads = _kl_pass(hp, head_p, hq, head_q, temperature, chunk, weights if need_grad else None)
-        total = (weights.to(kl.dtype) * kl).sum()
-        if grads is None:
-            ctx.save_for_backward(None, None, None)
-        else:
-            grad_h, grad_w, grad_b = grads
-            ctx.save_for_backward(grad_h, grad_w.to(wp.dtype), None if grad_b is None else grad_b.to(bp.dtype))
-        return total
-
-    @staticmethod
-    def backward(ctx, grad_out):  # type: ignore[override]
-        grad_h, grad_w, grad_b = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        scaled = [
-            (grad_out.to(x.dtype) * x) if (x is not None and need[i]) else None
-            for i, x in zip((0, 1, 2), (grad_h, grad_w, grad_b), strict=True)
-        ]
-        return (*scaled, *([None] * 10))
 
 
 def weighted_kl_sum_from_hidden(
@@ -315,8 +175,10 @@ def weighted_kl_sum_from_hidden(
     *,
     temperature: float,
     chunk_size: int | None = None,
-) -> torch.Tensor:
-    """sum_{b,n} weights[b, n] * KL(p_{b,n} || q_{b,n}): a scalar loss term with gradient through the policy only.
+    return_token_kl: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """sum_{b,n} weights[b, n] * KL(p_{b,n} || q_{b,n}): a scalar loss term with gradient through the policy only
+    (``trl_rb.kl.linear_weighted_kl_sum``: the gradient is computed in the forward pass, the weights being known).
 
     Args:
         policy_hidden: [B, C, H_p] completion-aligned policy hidden states (gradients flow into them and into the
@@ -325,42 +187,24 @@ def weighted_kl_sum_from_hidden(
         weights: [B, C] constant weights, e.g. beta * mask / B; positions with weight 0 are skipped entirely (so
             padding costs nothing and its hidden states never matter).
         temperature: the sampling temperature.
-        chunk_size: positions per chunk (default about 2**20 / V).
+        chunk_size: positions per chunk (default: ``linear_weighted_kl_sum``'s).
+        return_token_kl: also return the per-token KL [B, C] (detached; 0 where the weight is 0) from the same pass.
 
     Returns:
-        0-d float32 tensor (float64 for float64 inputs). Its value and gradient equal those of ``(weights * token_kl_from_hidden(...)).sum()``;
-        the gradient is computed in the forward pass (the weights being known), which halves the LM-head work.
+        0-d float32 tensor (float64 for float64 inputs), whose value and gradient equal those of
+        ``(weights * token_kl_from_hidden(...)).sum()``; with ``return_token_kl``, the pair (sum, per-token KL).
     """
-    if weights.shape != policy_hidden.shape[:-1] or ref_hidden.shape[:-1] != policy_hidden.shape[:-1]:
-        raise ValueError(
-            f"weights {tuple(weights.shape)}, policy_hidden {tuple(policy_hidden.shape)} and ref_hidden "
-            f"{tuple(ref_hidden.shape)} must cover the same [B, C] positions."
-        )
-    if policy_head.weight.shape[0] != ref_head.weight.shape[0]:
-        raise ValueError("The policy and reference heads have different vocabulary sizes; they must share one.")
-    keep = weights != 0
-    hp, hq, w = policy_hidden[keep], ref_hidden[keep].detach(), weights.detach()[keep]
-    chunk = _chunk_rows(policy_head.weight.shape[0], chunk_size)
-    return _WeightedKLSum.apply(
-        hp,
+    return linear_weighted_kl_sum(
+        policy_hidden,
         policy_head.weight,
-        policy_head.bias,
-        hq,
+        ref_hidden.detach(),
         ref_head.weight.detach(),
-        None if ref_head.bias is None else ref_head.bias.detach(),
-        w,
-        float(temperature),
-        float(policy_head.logit_scale),
-        float(ref_head.logit_scale),
-        policy_head.softcap,
-        ref_head.softcap,
-        chunk,
+        weights,
+        temperature=temperature,
+        chunk_size=chunk_size,
+        return_token_kl=return_token_kl,
+        **_head_kwargs(policy_head, ref_head),
     )
-
-
-def _detached(head: HeadParams) -> HeadParams:
-    bias = None if head.bias is None else head.bias.detach()
-    return HeadParams(head.weight.detach(), bias, head.logit_scale, head.softcap)
 
 
 def k3_per_token(log_ratio: torch.Tensor) -> torch.Tensor:
