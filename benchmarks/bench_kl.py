@@ -26,6 +26,9 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from trainer_bench import _rss_kib  # noqa: E402  (a sibling script, not a package)
+
 METHODS = ("floor", "research", "token_kl")
 MiB = 2**20
 # Peak [N, V] float32 tensors each method holds beyond the inputs (for the "does it fit" check), forward / fwd+bwd.
@@ -55,14 +58,6 @@ def _method(name: str):
     return {"research": research_token_kl, "token_kl": token_kl}[name]
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def _worker_memory(method: str, n: int, v: int, backward: bool) -> dict:
     """In a fresh process: extra peak RSS (bytes) of one call beyond the inputs (and the gradients)."""
     p, q = _inputs(n, v, requires_grad=backward)
@@ -74,11 +69,11 @@ def _worker_memory(method: str, n: int, v: int, backward: bool) -> dict:
     del warm
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS
-    base = _status_kib("VmRSS")
+    base = _rss_kib("VmRSS")
     out = fn(p, q)
     if backward:
         out.sum().backward()
-    extra = (_status_kib("VmHWM") - base) * 1024
+    extra = (_rss_kib("VmHWM") - base) * 1024
     if backward:
         extra -= p.grad.nbytes + q.grad.nbytes
     return {"extra_bytes": extra}
