@@ -18,7 +18,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-__all__ = ["TinyCausalLM", "eos_id", "single_thread", "tiny_gpt2", "tiny_gpt2_pair", "tiny_pair"]
+__all__ = ["TinyCausalLM", "eos_id", "single_thread", "tiny_gpt2", "tiny_gpt2_pair", "tiny_pair", "word_tokenizer"]
 
 
 @contextmanager
@@ -132,3 +132,14 @@ def tiny_gpt2(
 def tiny_gpt2_pair(vocab_size: int = 4, seed: int = 0, **kwargs):
     """(policy, reference): two ``tiny_gpt2`` models with independent weights (seeds ``2 seed``, ``2 seed + 1``)."""
     return tiny_gpt2(vocab_size, 2 * seed, **kwargs), tiny_gpt2(vocab_size, 2 * seed + 1, **kwargs)
+
+
+def word_tokenizer(tokens: tuple[str, ...], *, eos: str, bos: str | None = None):
+    """A word-level ``PreTrainedTokenizerFast`` whose ids follow ``tokens`` (so it matches a tiny model's vocabulary);
+    ``eos`` also pads and stands for unknown words."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(tokens)}, unk_token=eos))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=eos, unk_token=eos)

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from enumerable import tiny_gpt2, tiny_gpt2_pair
+from enumerable import tiny_gpt2, tiny_gpt2_pair, word_tokenizer
 
 from trl_rb.estimate import check_tokenizers, estimate_kl
 from trl_rb.exact import exact_kl
@@ -16,23 +16,7 @@ from trl_rb.exact import exact_kl
 
 def tiny_tokenizer(words: tuple[str, ...] = ("a", "b", "c")):
     """A word-level tokenizer: ids 0.. for ``words``, then ``</s>`` (EOS = pad = last id), matching ``tiny_gpt2``."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {w: i for i, w in enumerate(words)}
-    vocab["</s>"] = len(vocab)
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="</s>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="</s>", unk_token="</s>")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models: threads only add synchronisation, and on a shared machine they can make runs 10x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    return word_tokenizer((*words, "</s>"), eos="</s>")
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import csv
 import json
 
 import pytest
-import torch
 from enumerable import tiny_gpt2, tiny_gpt2_pair
 from test_estimate import tiny_tokenizer
 
@@ -15,15 +14,6 @@ from trl_rb.cli import main as trl_rb_main
 from trl_rb.estimate_cli import main
 
 ESTIMATOR_KEYS = {"mean", "std", "se", "ci95", "frac_negative", "var_ratio_vs_k1", "std_m", "std_m_formula"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models: threads only add synchronisation, and on a shared machine they can make runs 10x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

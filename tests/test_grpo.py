@@ -13,7 +13,7 @@ import pytest
 import torch
 import trl
 from datasets import Dataset
-from enumerable import eos_id, tiny_gpt2, tiny_gpt2_pair
+from enumerable import tiny_gpt2, tiny_gpt2_pair, word_tokenizer
 
 from trl_rb.grpo import GRPOConfig, GRPOTrainer, reduce_like_loss_type
 from trl_rb.kl import kl_surrogate, token_kl, token_logprobs
@@ -24,26 +24,9 @@ PROMPT = "<bos>"
 MODEL_KW = {"n_embd": 8, "n_layer": 1, "n_head": 2}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is faster than two (and leaves the other core to the rest of the machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_tokenizer():
     """Word-level tokenizer over the fixtures' ids: <bos>=0, a=1, b=2, <eos>=3 (EOS also pads)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<bos>": 0, "a": 1, "b": 2, "<eos>": eos_id(VOCAB)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<eos>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<eos>", unk_token="<eos>"
-    )
+    return word_tokenizer(("<bos>", "a", "b", "<eos>"), eos="<eos>", bos="<bos>")
 
 
 def zero_reward(completions, **kwargs):

@@ -28,15 +28,6 @@ NB, BATCH, GROUP, MAX_LEN, BETA = 200, 64, 16, 4, 0.1
 K3_NB = 100  # k3's bias is tens of standard errors: half the batches show it just as clearly
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is faster than two (and leaves the other core to the rest of the machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def gradient_study(estimator: str, tmp_path, nb: int = NB, **config) -> dict[str, float]:
     trainer, policy, reference = make_trainer(
         estimator, tmp_path, batch=BATCH, group=GROUP, max_len=MAX_LEN, beta=BETA, **config

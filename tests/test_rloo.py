@@ -50,15 +50,6 @@ def build_lm(path, *, seed: int, words: list[str] = WORDS) -> str:
     return str(path)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny models: threads only add contention on a shared CI machine
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def lm_paths(tmp_path_factory):
     root = tmp_path_factory.mktemp("rloo_lms")
