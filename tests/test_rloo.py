@@ -16,7 +16,7 @@ import torch
 import trl
 from datasets import Dataset
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
 from trl_rb.kl import (
@@ -352,6 +352,16 @@ def test_ref_model_as_instance_and_errors(lm_paths, tmp_path):
     trainer = RLOOTrainer(lm_paths["policy"], target_reward, args=make_config(tmp_path, "rb"),
                           train_dataset=prompts_dataset(), ref_model=other)
     assert trainer.ref_model is other and not any(p.requires_grad for p in other.parameters())
+    assert trainer.beta == 0.05 and trainer.args.beta == 0.05
+
+    # An in-memory policy has no path trl could rebuild its own reference from: with ref_model= it needs none.
+    policy = GPT2LMHeadModel.from_pretrained(lm_paths["policy"])
+    tokenizer = AutoTokenizer.from_pretrained(lm_paths["policy"])
+    trainer = RLOOTrainer(policy, target_reward, args=make_config(tmp_path, "rb"), processing_class=tokenizer,
+                          train_dataset=prompts_dataset(), ref_model=lm_paths["other"])
+    assert trainer.beta == 0.05 and trainer.ref_model is not None
+    batch = trainer._generate_and_score_completions(generation_batch(2, 4))
+    assert torch.isfinite(batch["advantages"]).all()
 
     with pytest.raises(ValueError, match="vocabular"):
         RLOOTrainer(lm_paths["policy"], target_reward, args=make_config(tmp_path, "rb"),

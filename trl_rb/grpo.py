@@ -59,6 +59,7 @@ from .trainer_kl import (
     prepare_reference_model,
     reference_head,
     token_kl_from_hidden,
+    trl_without_reference,
     weighted_kl_sum_from_hidden,
 )
 
@@ -222,14 +223,10 @@ class GRPOTrainer(HiddenCaptureMixin, trl.GRPOTrainer):
                 raise ValueError("ref_model= is a KL reference: it needs args with beta > 0.")
             if args.sync_ref_model:
                 raise ValueError("sync_ref_model=True with an explicit ref_model= is not supported; drop one of them.")
-            # trl would build its own reference from the policy's path; with beta seen as 0 during its __init__ it
-            # builds none (and no PEFT "ref" adapter), and ours is installed right after.
-            beta, args.beta = args.beta, 0.0
-            try:
+            # trl builds no reference of its own (nor a PEFT "ref" adapter); ours is installed right after.
+            with trl_without_reference(args):
                 super().__init__(model, reward_funcs, args, *pos_args, **kwargs)
-            finally:
-                args.beta = beta
-            self.beta = beta
+            self.beta = args.beta
             self.ref_model = prepare_reference_model(
                 self,
                 load_reference_model(

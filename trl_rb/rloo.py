@@ -46,6 +46,7 @@ from .trainer_kl import (
     prepare_reference_model,
     reference_head,
     token_kl_from_hidden,
+    trl_without_reference,
     weighted_kl_sum_from_hidden,
 )
 
@@ -116,8 +117,8 @@ class RLOOTrainer(HiddenCaptureMixin, trl.RLOOTrainer):
 
     Same constructor as trl's, plus ``ref_model``: a path or a model to regularize toward instead of the policy's
     starting point. It must share the policy's tokenizer; it gets trl's fused LM head at ``args.temperature`` and is
-    prepared like trl's own reference (DeepSpeed / FSDP / accelerate evaluation mode). (trl's constructor still loads
-    its copy of the starting model first; it is released before the chosen reference is prepared.) Without it the
+    prepared like trl's own reference (DeepSpeed / FSDP / accelerate evaluation mode); trl then builds no copy of the
+    starting model. Without it the
     reference is trl's: a copy of the starting model, or, for a PEFT policy, the base model with adapters disabled.
 
     ``args`` may be a plain ``trl.RLOOConfig``; it then gets the default estimator ``rb``.
@@ -165,7 +166,7 @@ class RLOOTrainer(HiddenCaptureMixin, trl.RLOOTrainer):
             check_rb_sampling(args, self.kl_estimator)
         self._rb_phase: str | None = None
         self._rb_pending: dict[str, torch.Tensor] | None = None
-        super().__init__(
+        init = dict(
             model=model,
             reward_funcs=reward_funcs,
             args=args,
@@ -178,15 +179,17 @@ class RLOOTrainer(HiddenCaptureMixin, trl.RLOOTrainer):
             quantization_config=quantization_config,
             peft_config=peft_config,
         )
-        if ref_model is not None:
-            loaded = load_reference_model(
-                ref_model,
-                policy=self.model,
-                processing_class=self.processing_class,
-                model_init_kwargs=self.args.model_init_kwargs,
-            )
-            self.ref_model = None  # free trl's copy of the starting model before preparing the chosen one
-            self.ref_model = prepare_reference_model(self, loaded)
+        if ref_model is None:
+            super().__init__(**init)
+            return
+        # trl builds no copy of the starting model (it could not for an in-memory policy); ours is installed instead.
+        with trl_without_reference(args):
+            super().__init__(**init)
+        self.beta = args.beta
+        loaded = load_reference_model(
+            ref_model, policy=self.model, processing_class=self.processing_class, model_init_kwargs=args.model_init_kwargs
+        )
+        self.ref_model = prepare_reference_model(self, loaded)
 
     # ---------------------------------------------------------------------------------------------------------------
     # Scoring: the reference call's log-probs become old - (per-token estimate), so trl's penalty is the estimate.

@@ -35,6 +35,7 @@ __all__ = [
     "log_sequence_metrics",
     "masked_sequence_sum",
     "prepare_reference_model",
+    "trl_without_reference",
     "reference_head",
     "token_kl_from_hidden",
     "weighted_kl_sum_from_hidden",
@@ -332,6 +333,21 @@ def _check_tokenizer(path: str, processing_class: Any) -> None:
             f"The tokenizer saved with ref_model {path!r} differs from the trainer's (token -> id maps differ); the KL "
             "between two models needs one shared tokenizer and vocabulary."
         )
+
+
+@contextmanager
+def trl_without_reference(args: Any) -> Iterator[None]:
+    """Inside the block ``args.beta`` reads 0, so a trl trainer's ``__init__`` builds no reference of its own.
+
+    With an explicit ``ref_model=`` trl's copy of the starting model would be wasted memory, and for a policy passed
+    as an in-memory model trl cannot build it at all (it reloads from the policy's path). The caller sets
+    ``self.beta`` and installs its reference (``prepare_reference_model``) after the block.
+    """
+    beta, args.beta = args.beta, 0.0
+    try:
+        yield
+    finally:
+        args.beta = beta
 
 
 def prepare_reference_model(trainer: Any, ref_model: nn.Module) -> nn.Module:

@@ -1,0 +1,159 @@
+"""The mean RLOO KL gradient against the exact grad KL(p || q) on an enumerable pair (reward 0).
+
+Derivation. With reward 0 trl's reward is -beta E_i, E_i the detached per-sequence KL estimate, and the leave-one-out
+advantage is A_i = -beta (E_i - b_i), b_i = mean_{j != i} E_j over the other G - 1 completions of the same prompt. At
+ratio 1 (one iteration: old_logps are the policy's own) the gradient of trl's loss -mean_i ratio_i A_i is
+-mean_i A_i grad log p(y_i); ``rb`` adds beta mean_i sum_n grad K_n(y_i). b_i is independent of y_i and
+E[grad log p(y)] = 0, so the baseline drops out of the expectation *exactly* (no (G - 1) / G factor, unlike GRPO's
+group mean, which contains y_i), and the mean over sequences removes any length factor. Hence
+
+    k1:  E[grad] = beta E[sum_n r_n grad log p(y)]                         = beta grad KL
+    rb:  E[grad] = beta E[sum_n K_n grad log p(y) + sum_n grad K_n]         = beta grad KL
+    rb scoring, trl's loss alone: beta (grad KL - E[sum_n grad K_n])       (biased)
+
+(k1: grad KL = E[R grad log p] + E[grad R] and E[grad r_n] = E[grad l_n] = 0; rb: ESTIMATORS.md, "Inside RLOO".)
+
+Test. The trainer's gradient (trl's scoring and loss, optimizer never stepped) is averaged over NB independent batches
+at fixed parameters and every coordinate is z-tested against beta * exact, with standard errors from the
+batch-to-batch spread. Threshold: about 940 coordinates, each z ~ N(0, 1) under the null (t with NB - 1 = 199 degrees
+of freedom, means of 64 completions), so max |z| > 4.5 has probability about 940 * 1.2e-5 ~ 1% by Bonferroni (the
+seeds are fixed: the outcome is deterministic). The least-squares constant c (mean ~ c * exact) must also agree with
+beta. k1 and rb see the same completions (same seeds, same policy), so their gradient variances compare paired.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import trl
+from datasets import Dataset
+from enumerable import tiny_gpt2_pair
+from test_grpo import MODEL_KW, PROMPT, VOCAB, score_batch, tiny_tokenizer, zero_reward
+
+from trl_rb.exact import exact_kl_and_grad
+from trl_rb.rloo import RLOOConfig, RLOOTrainer
+
+pytestmark = pytest.mark.slow  # ~12 s on one thread (the gradients of 2 x 200 batches, computed once per module)
+
+SEED0 = 20_000
+NB, BATCH, GROUP, MAX_LEN, BETA = 200, 64, 16, 4, 0.1
+Z_MAX = 4.5
+
+
+def make_trainer(estimator: str, root) -> RLOOTrainer:
+    """An RLOO trainer on the tiny float64 pair: policy = ``tiny_gpt2_pair(0)[0]``, reference = ``[1]``.
+
+    The models go through disk: trl's RLOO constructor builds its own reference copy from the policy's path before
+    ``ref_model=`` replaces it, so an in-memory policy without a path cannot be used.
+    """
+    paths = []
+    for name, model in zip(("policy", "reference"), tiny_gpt2_pair(VOCAB, seed=0, **MODEL_KW), strict=True):
+        path = root / name
+        if not path.exists():
+            model.save_pretrained(path)
+            tiny_tokenizer().save_pretrained(path)
+        paths.append(str(path))
+    args = RLOOConfig(
+        output_dir=str(root / f"out_{estimator}"),
+        per_device_train_batch_size=BATCH,
+        num_generations=GROUP,
+        max_completion_length=MAX_LEN,
+        beta=BETA,
+        kl_estimator=estimator,
+        temperature=1.0,
+        bf16=False,  # the comparison is in float64
+        disable_dropout=True,
+        model_init_kwargs={"dtype": torch.float64},
+        report_to=[],
+        use_cpu=True,
+        logging_steps=1,
+        save_strategy="no",
+    )
+    return RLOOTrainer(
+        model=paths[0],
+        reward_funcs=[zero_reward],
+        args=args,
+        train_dataset=Dataset.from_dict({"prompt": [PROMPT] * 256}),
+        processing_class=tiny_tokenizer(),
+        ref_model=paths[1],
+    )
+
+
+def flat_grad(loss: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
+    """d loss / d params, concatenated [D] (zeros for parameters the loss does not reach)."""
+    parts = torch.autograd.grad(loss, params, allow_unused=True)
+    return torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for g, p in zip(parts, params, strict=True)])
+
+
+def compare(grads: torch.Tensor, exact: torch.Tensor, expected_c: float) -> dict[str, float]:
+    """Per-batch gradients [NB, D] against expected_c * exact [D]: fitted constant, z statistics, cosine, variance."""
+    nb = grads.shape[0]
+    mean, se = grads.mean(0), grads.std(0) / math.sqrt(nb)
+    # Coordinates the KL does not depend on (position embeddings past the last step, attention key biases) have
+    # rounding-level gradients in both: their z would compare rounding errors.
+    keep = se > 1e-8 * se.max()
+    assert int(keep.sum()) > 500
+    assert exact[~keep].abs().max() < 1e-12
+    m, s, e = mean[keep], se[keep], exact[keep]
+    weights = e / (e @ e)  # ordinary least squares for c in mean ~ c * exact
+    z = (m - expected_c * e) / s
+    return {
+        "c": float(weights @ m),
+        "c_se": float((grads[:, keep] @ weights).std() / math.sqrt(nb)),  # from the per-batch c: correlations count
+        "max_abs_z": float(z.abs().max()),
+        "frac_over_4se": float((z.abs() > 4).double().mean()),
+        "cosine": float(torch.nn.functional.cosine_similarity(m, e, dim=0)),
+        "variance": float(grads.var(0).sum()),  # per-batch gradient variance, summed over coordinates
+        "coordinates": int(keep.sum()),
+    }
+
+
+@pytest.fixture(scope="module")
+def studies(tmp_path_factory) -> dict[str, dict[str, float]]:
+    """Gradient statistics for ``k1``, ``rb`` and ``rb_without_term`` (rb-scored batches, trl's loss alone)."""
+    root = tmp_path_factory.mktemp("rloo_unbiased")
+    grads: dict[str, list[torch.Tensor]] = {"k1": [], "rb": [], "rb_without_term": []}
+    exact = None
+    for estimator in ("k1", "rb"):
+        trainer = make_trainer(estimator, root)
+        named = [(n, p) for n, p in trainer.model.named_parameters() if p.requires_grad]
+        params = [p for _, p in named]
+        if exact is None:
+            kl, by_name = exact_kl_and_grad(
+                trainer.model, trainer.ref_model, [0], max_new_tokens=MAX_LEN, eos_token_id=VOCAB - 1,
+                params=dict(named),
+            )
+            assert kl > 0.5  # the pair differs: the KL gradient is far from 0
+            exact = torch.cat([by_name[n].flatten() for n, _ in named])
+        for b in range(NB):
+            inputs = score_batch(trainer, BATCH, seed=SEED0 + b)
+            grads[estimator].append(flat_grad(trainer.compute_loss(trainer.model, inputs), params))
+            if estimator == "rb":
+                plain = trl.RLOOTrainer._compute_loss(trainer, trainer.model, inputs)
+                grads["rb_without_term"].append(flat_grad(plain, params))
+    out = {name: compare(torch.stack(g), exact, BETA) for name, g in grads.items()}
+    print(out)
+    return out
+
+
+@pytest.mark.parametrize("estimator", ["k1", "rb"])
+def test_mean_gradient_is_beta_grad_kl(studies, estimator):
+    study = studies[estimator]
+    assert study["max_abs_z"] < Z_MAX, study
+    assert abs(study["c"] - BETA) < Z_MAX * study["c_se"], study
+
+
+def test_rb_needs_its_analytic_term(studies):
+    """rb scoring with trl's loss alone (no beta * sum_n grad K_n) is biased by many standard errors."""
+    study = studies["rb_without_term"]
+    assert study["frac_over_4se"] > 0.5, study
+    assert study["max_abs_z"] > 50, study
+    assert abs(study["c"] - BETA) > 20 * study["c_se"], study
+
+
+def test_rb_gradient_variance_below_k1(studies):
+    """Same completions, same baseline: rb's per-batch gradient variance is a fraction of k1's (measured ~0.12)."""
+    ratio = studies["rb"]["variance"] / studies["k1"]["variance"]
+    assert ratio < 0.5, ratio
