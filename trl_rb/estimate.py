@@ -34,8 +34,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .exact import eval_mode
 from .kl import ESTIMATORS, canonical_estimator, sequence_kl_terms
-from .lm_head import HeadParams, capture_last_hidden, head_params, unwrap_causal_lm
+from .lm_head import HeadParams, capture_last_hidden, head_params, unwrap_causal_lm, vocab_size
 
 __all__ = ["ALL_ESTIMATORS", "EstimateResult", "check_tokenizers", "estimate_kl", "resolve_estimator"]
 
@@ -271,11 +272,6 @@ def _fmt(x: float | None) -> str:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _vocab_size(model: torch.nn.Module) -> int:
-    head = unwrap_causal_lm(model).get_output_embeddings()
-    return int(head.weight.shape[0])
-
-
 def _context_length(model: torch.nn.Module) -> int | None:
     config = unwrap_causal_lm(model).config
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -315,7 +311,7 @@ def check_tokenizers(tokenizer_p: Any, tokenizer_q: Any) -> None:
 
 
 def _check_models(policy: torch.nn.Module, reference: torch.nn.Module, tokenizer: Any) -> None:
-    vp, vq = _vocab_size(policy), _vocab_size(reference)
+    vp, vq = vocab_size(policy), vocab_size(reference)
     if vp != vq:
         raise ValueError(
             f"The policy and reference have different vocabulary sizes: the policy's LM head has {vp} rows, the "
@@ -399,19 +395,6 @@ def _quiet_padding_warning():
         yield
     finally:
         logger.removeFilter(quiet)
-
-
-@contextmanager
-def _eval_mode(*models: torch.nn.Module):
-    """Put the models in eval mode (no dropout) for the block, restoring their training flags after."""
-    flags = [m.training for m in models]
-    try:
-        for m in models:
-            m.eval()
-        yield
-    finally:
-        for m, flag in zip(models, flags, strict=True):
-            m.train(flag)
 
 
 def _left_pad(batch: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -632,12 +615,12 @@ def estimate_kl(
 
     eos_id = tokenizer.eos_token_id
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos_id if eos_id is not None else 0)
-    vocab = _vocab_size(policy)
+    vocab = vocab_size(policy)
     chunk_rows = max(1, chunk_elements // vocab)
     need_rb = "rb" in names
 
     exact_per_prompt = None
-    with _eval_mode(policy, reference), torch.no_grad(), _quiet_padding_warning():
+    with eval_mode(policy, reference), torch.no_grad(), _quiet_padding_warning():
         if exact:
             exact_per_prompt = _exact_per_prompt(
                 policy, reference, prompt_ids, max_new_tokens, eos_id, temperature, exact_max_completions

@@ -33,6 +33,7 @@ __all__ = [
     "completion_table",
     "count_completions",
     "enumerate_completions",
+    "eval_mode",
     "exact_kl",
     "exact_kl_and_grad",
 ]
@@ -138,7 +139,8 @@ def _is_hf(model: Model) -> bool:
 
 
 @contextmanager
-def _eval_mode(*models: Model) -> Iterator[None]:
+def eval_mode(*models: Model) -> Iterator[None]:
+    """Put the models that are modules in eval mode (no dropout) for the block, restoring their training flags."""
     modules = [m for m in models if isinstance(m, nn.Module)]
     flags = [m.training for m in modules]
     try:
@@ -289,7 +291,7 @@ def completion_table(
     _check_temperature(temperature)
     prompt = _check_prompt(prompt_ids)
     _check_max_new_tokens(max_new_tokens)
-    with torch.no_grad(), _eval_mode(policy, reference):
+    with torch.no_grad(), eval_mode(policy, reference):
         vocab = _vocab_size(policy, reference, prompt)
         tokens, mask = enumerate_completions(vocab, max_new_tokens, eos_token_id, max_completions=max_completions)
         logits_p = _completion_logits(policy, prompt, tokens).double().cpu()
@@ -386,7 +388,7 @@ def exact_kl_and_grad(
     tensors = list(named.values())
     grads = [torch.zeros_like(p) for p in tensors]
     kl, total_prob = 0.0, 0.0
-    with _eval_mode(policy, reference):
+    with eval_mode(policy, reference):
         vocab = _vocab_size(policy, reference, prompt)
         tokens, mask = enumerate_completions(vocab, max_new_tokens, eos_token_id, max_completions=max_completions)
         for s in range(0, tokens.shape[0], _BATCH_ROWS):

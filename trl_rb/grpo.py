@@ -46,7 +46,7 @@ from typing import Any
 import torch
 import trl
 
-from .kl import canonical_estimator
+from .kl import canonical_estimator, future_sum
 from .lm_head import head_params
 from .trainer_kl import (
     REF_HIDDEN_KEY,
@@ -183,11 +183,6 @@ def reduce_like_loss_type(
     if loss_type == "luspo":
         return masked.sum(-1).mean() / accum
     raise ValueError(f"Unknown loss_type {loss_type!r} (trl 1.16 GRPO: grpo, sapo, bnpo, dr_grpo, dapo, cispo, vespo, luspo).")
-
-
-def _future_sum(x: torch.Tensor) -> torch.Tensor:
-    """sum_{m > t} x_m along the last dimension ([B, C] -> [B, C])."""
-    return x.flip(-1).cumsum(-1).flip(-1) - x
 
 
 class GRPOTrainer(HiddenCaptureMixin, trl.GRPOTrainer):
@@ -332,7 +327,7 @@ class GRPOTrainer(HiddenCaptureMixin, trl.GRPOTrainer):
             weights = beta * self._reduce_weights(mask, inputs, mode)
             kl_loss, kl_terms = self._weighted_token_kl(model, policy.hidden, inputs[REF_HIDDEN_KEY], weights)
             logps = policy.logps  # l_t with its gradient, from trl's own loss forward
-            future = _future_sum(kl_terms)
+            future = future_sum(kl_terms)
             loss = loss + kl_loss + beta * self._reduce((logps - logps.detach()) * future, mask, inputs, mode)
         elif self._rb_metric:
             with torch.no_grad():

@@ -24,6 +24,7 @@ __all__ = [
     "ESTIMATORS",
     "canonical_estimator",
     "compute_kl",
+    "future_sum",
     "kl_estimate",
     "kl_surrogate",
     "linear_token_kl",
@@ -149,14 +150,8 @@ def _chunk_kl(zp: torch.Tensor, zq: torch.Tensor) -> torch.Tensor:
     diff = torch.sub(logp, logq, out=logq)
     kl = torch.linalg.vecdot(p, diff)
     bad = torch.isnan(kl)
-    if bad.any():
-        # Only rows that hit 0 * inf pay for this. Entries where p is exactly 0 (logit -inf) contribute 0, not NaN;
-        # entries where q is 0 and p > 0 contribute +inf, even when p underflows to 0 in float32. A NaN logit still
-        # gives NaN.
-        rows = bad.nonzero().squeeze(-1)
-        lp, d = logp[rows], diff[rows]
-        contrib = torch.where(torch.isinf(d), d, p[rows] * d).masked_fill_(lp == -math.inf, 0)
-        kl = kl.index_put((rows,), contrib.sum(-1))
+    if bad.any():  # only rows that hit 0 * inf pay for the fix
+        kl = _fix_bad_rows(kl, bad, p, diff)
     return kl
 
 
@@ -771,6 +766,12 @@ def _reverse_cumsum(x: torch.Tensor) -> torch.Tensor:
     return x.flip(-1).cumsum(-1).flip(-1)
 
 
+def future_sum(x: torch.Tensor) -> torch.Tensor:
+    """sum_{m > n} x_m along the last dimension ([..., T] -> [..., T]): what the score term of step n multiplies in
+    the RB surrogate (later steps' KL depends on token n; earlier and current ones do not)."""
+    return _reverse_cumsum(x) - x
+
+
 def _value_from_terms(estimator: str, terms: dict[str, torch.Tensor]) -> torch.Tensor:
     r = terms["r"]
     if estimator == "k1":
@@ -855,6 +856,6 @@ def kl_surrogate(
         return r.sum(-1) + (score * _reverse_cumsum(r)).sum(-1)
     if name == "rb":
         k = terms["K"]
-        future = _reverse_cumsum(k.detach()) - k.detach()  # sum_{m > n} K_m
+        future = future_sum(k.detach())
         return k.sum(-1) + (score * future).sum(-1)
     return _value_from_terms(name, terms)

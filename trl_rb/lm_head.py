@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["HeadParams", "capture_last_hidden", "completion_hidden", "head_params", "unwrap_causal_lm"]
+__all__ = ["HeadParams", "capture_last_hidden", "completion_hidden", "head_params", "unwrap_causal_lm", "vocab_size"]
 
 
 @dataclass
@@ -45,6 +45,11 @@ def unwrap_causal_lm(model: nn.Module) -> nn.Module:
     if callable(get_base) and hasattr(model, "peft_config"):
         model = get_base()
     return model
+
+
+def vocab_size(model: nn.Module) -> int:
+    """The number of rows of the model's LM head (PEFT- or accelerate-wrapped models are unwrapped)."""
+    return int(unwrap_causal_lm(model).get_output_embeddings().weight.shape[0])
 
 
 def _logit_scale(text_config) -> float:

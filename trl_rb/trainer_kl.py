@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .kl import linear_token_kl, linear_weighted_kl_sum
-from .lm_head import HeadParams, capture_last_hidden, completion_hidden, head_params, unwrap_causal_lm
+from .lm_head import HeadParams, capture_last_hidden, completion_hidden, head_params, unwrap_causal_lm, vocab_size
 
 __all__ = [
     "REF_HIDDEN_KEY",
@@ -271,11 +271,6 @@ def check_rb_sampling(args: Any, estimator: str) -> None:
         )
 
 
-def _vocab_size(model: nn.Module) -> int:
-    head = unwrap_causal_lm(model).get_output_embeddings()
-    return int(head.weight.shape[0])
-
-
 def load_reference_model(
     ref_model: str | nn.Module,
     *,
@@ -309,9 +304,9 @@ def load_reference_model(
         _check_tokenizer(path, processing_class)
     elif not isinstance(ref_model, nn.Module):
         raise TypeError(f"ref_model must be a path string or a model, got {type(ref_model).__name__}.")
-    if _vocab_size(ref_model) != _vocab_size(policy):
+    if vocab_size(ref_model) != vocab_size(policy):
         raise ValueError(
-            f"ref_model has a vocabulary of {_vocab_size(ref_model)} tokens but the policy has {_vocab_size(policy)}; "
+            f"ref_model has a vocabulary of {vocab_size(ref_model)} tokens but the policy has {vocab_size(policy)}; "
             "the KL between two models needs one shared tokenizer and vocabulary. Pick a reference trained with the "
             "policy's tokenizer."
         )
