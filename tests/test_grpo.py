@@ -113,8 +113,9 @@ def config(tmp_path, **kwargs) -> GRPOConfig:
 
 
 def test_config_names_defaults_and_errors(tmp_path):
-    assert config(tmp_path).kl_estimator == "k3"
-    assert config(tmp_path).use_bias_correction_kl is True  # trl's default kept for k3
+    default = config(tmp_path)
+    assert (default.kl_estimator, default.use_bias_correction_kl) == ("rb", False)  # one default for both trainers
+    assert config(tmp_path, kl_estimator="k3").use_bias_correction_kl is True  # trl's default kept for k3
     rb = config(tmp_path, kl_estimator="RB", beta=0.1)
     assert (rb.kl_estimator, rb.use_bias_correction_kl) == ("rb", False)
     assert config(tmp_path, kl_estimator="full", beta=0.1).kl_estimator == "rb"
@@ -144,17 +145,29 @@ def test_config_parses_with_trl_parser(tmp_path):
 def test_trainer_refuses_unsupported_settings(tmp_path):
     with pytest.raises(ValueError, match="top_p=0.9"):
         make_trainer("rb", tmp_path, top_p=0.9)
+    with pytest.raises(ValueError, match="num_iterations=2 .use 1."):
+        make_trainer("rb", tmp_path, num_iterations=2)
+    with pytest.raises(ValueError, match="steps_per_generation=4 > gradient_accumulation_steps=2"):
+        make_trainer("rb", tmp_path, gradient_accumulation_steps=2, steps_per_generation=4)
+    make_trainer("k1", tmp_path, num_iterations=2)  # k1's score-function term is trl's own, importance-weighted
     from peft import LoraConfig
 
     lora_head = LoraConfig(r=2, target_modules=["c_attn", "lm_head"])
     with pytest.raises(ValueError, match="lm_head"):  # trl refuses it already; head_params would too
         make_trainer("rb", tmp_path, use_ref_model=False, model=tiny_gpt2(VOCAB, 0, **MODEL_KW), peft_config=lora_head)
-    # a plain trl config whose bias-correction flag is on cannot be combined with rb / k1
-    plain = trl.GRPOConfig(output_dir=str(tmp_path), beta=0.1, use_cpu=True, report_to=[])
-    plain.kl_estimator = "rb"
+    # trl_rb's config: use_bias_correction_kl=True is the user's explicit choice, and means nothing for rb / k1
+    explicit = config(tmp_path, kl_estimator="k3", beta=0.1)
+    explicit.kl_estimator = "k1"
     with pytest.raises(ValueError, match="use_bias_correction_kl"):
-        GRPOTrainer(model=tiny_gpt2(VOCAB, 0, **MODEL_KW), reward_funcs=[zero_reward], args=plain,
+        GRPOTrainer(model=tiny_gpt2(VOCAB, 0, **MODEL_KW), reward_funcs=[zero_reward], args=explicit,
                     train_dataset=Dataset.from_dict({"prompt": [PROMPT]}), processing_class=tiny_tokenizer())
+    # a plain trl config: True is trl's default there; the trainer's default rb applies, with a warning
+    plain = trl.GRPOConfig(output_dir=str(tmp_path), beta=0.1, use_cpu=True, report_to=[], bf16=False)
+    with pytest.warns(UserWarning, match="use_bias_correction_kl"):
+        trainer = GRPOTrainer(model=tiny_gpt2(VOCAB, 0, **MODEL_KW), reward_funcs=[zero_reward], args=plain,
+                              train_dataset=Dataset.from_dict({"prompt": [PROMPT]}), processing_class=tiny_tokenizer(),
+                              ref_model=tiny_gpt2(VOCAB, 1, **MODEL_KW))
+    assert trainer.kl_estimator == "rb"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -268,7 +281,7 @@ def test_peft_reference_is_the_base_model(tmp_path):
     assert logs[-1]["kl/rb"] > 1e-4
 
 
-@pytest.mark.parametrize("estimator", ["k1", "rb"])
+@pytest.mark.parametrize("estimator", ["k1", "k3"])  # rb refuses off-policy updates (test below)
 def test_multi_iteration_and_accumulation_run(tmp_path, estimator):
     """num_iterations=2 (trl scores the old policy too) with gradient accumulation: the scoring order is still found,
     and beta=0 trains like trl without a reference or KL metrics."""

@@ -8,9 +8,9 @@ default) the term is multiplied by the importance ratio, and the expected gradie
 the prefixes held fixed. Either way the score-function part, how the KL of later steps depends on earlier tokens,
 is missing. ``kl_estimator`` chooses:
 
-- ``k3``: trl's behaviour, unchanged (the default, so existing configs mean the same).
+- ``k3``: trl's behaviour, unchanged.
 - ``k1``: the detached per-sequence k1 = sum_t r_t enters the advantages, an unbiased score-function gradient.
-- ``rb``: each completion token t adds beta * [K_t + (l_t - sg l_t) * sg(sum_{m>t} K_m)] to the per-token loss
+- ``rb`` (the default, as in trl_rb's RLOO): each completion token t adds beta * [K_t + (l_t - sg l_t) * sg(sum_{m>t} K_m)] to the per-token loss
   (ESTIMATORS.md, surrogate S_rb), with K_t the exact KL of the two next-token distributions, aggregated by the
   configured ``loss_type``: the unbiased Rao-Blackwellized gradient, scaled by the constant the aggregation implies.
 
@@ -45,6 +45,7 @@ from typing import Any
 
 import torch
 import trl
+from trl.models.utils import disable_gradient_checkpointing
 
 from .kl import canonical_estimator, future_sum
 from .lm_head import head_params
@@ -52,11 +53,12 @@ from .trainer_kl import (
     REF_HIDDEN_KEY,
     HiddenCaptureMixin,
     ScoredCall,
-    check_rb_sampling,
+    check_rb_config,
     load_reference_model,
     log_sequence_metrics,
     masked_sequence_sum,
     prepare_reference_model,
+    rb_heads_available,
     reference_head,
     token_kl_from_hidden,
     trl_without_reference,
@@ -74,13 +76,15 @@ class GRPOConfig(trl.GRPOConfig):
     Configuration class for [`trl_rb.GRPOTrainer`]: every field of [`trl.GRPOConfig`], plus the choice of KL estimator.
 
     Parameters:
-        kl_estimator (`str`, *optional*, defaults to `"k3"`):
+        kl_estimator (`str`, *optional*, defaults to `"rb"`):
             Which estimator of KL(policy || reference) regularizes the policy (case-insensitive; aliases `mc` for
-            `k1`, `full` for `rb`). With `beta=0` there is no KL term (trl loads no reference): every mode then trains
-            exactly like trl and no KL metric is logged.
+            `k1`, `full` for `rb`). The default is `"rb"`, as in [`trl_rb.RLOOConfig`]: with trl's default
+            `beta=0.0` nothing changes until a beta is set. With `beta=0` there is no KL term (trl loads no
+            reference): every mode then trains exactly like trl and no KL metric is logged.
 
             - `"k3"`: trl's GRPO term beta * (exp(-r_t) - 1 + r_t) added to each token's loss, with
-              r_t = log p(y_t) - log q(y_t). Its gradient is biased for grad KL (see the module docstring).
+              r_t = log p(y_t) - log q(y_t), trl's behaviour. Its gradient is biased for grad KL (see the module
+              docstring).
             - `"k1"`: the per-sequence estimate sum_t r_t (detached) is subtracted, times beta, from each
               completion's advantage, centred by its group's mean like the reward. The KL part of the gradient is
               then (G - 1) / G * beta * an unbiased score-function estimate of grad KL (G = `num_generations`), and
@@ -97,9 +101,16 @@ class GRPOConfig(trl.GRPOConfig):
               estimate beta * grad KL / E[completion length] consistently (a ratio estimator: not unbiased for a finite
               batch, and the count's dependence on the policy is not differentiated); `grpo` and `sapo` divide each
               sequence by its own length, which weights sequences by 1 / length and estimates no multiple of grad KL
-              (use `dr_grpo` when the KL gradient matters). With `num_iterations > 1` the later iterations reuse
-              prefixes sampled from the earlier policy without an importance weight (K_t and l_t are the current
-              policy's; at `num_iterations=1`, old = current and the estimate is exact in expectation).
+              (use `dr_grpo` when the KL gradient matters). Off-policy updates (`num_iterations > 1`,
+              `steps_per_generation > gradient_accumulation_steps`) are refused: their batches come from an older
+              policy and the importance-weighted RB terms are not implemented. With vLLM generation the tokens come
+              from vLLM's copy of the same weights; the K_t term is not importance-weighted for the numerical
+              mismatch between the two (trl's `vllm_importance_sampling_correction` reweights the policy-gradient
+              term only).
+        rb_kl_metric (`bool`, *optional*, defaults to `True`):
+            Whether `k1` and `k3` runs also log `kl/rb` (the exact per-token KL summed per sequence). It costs two
+            LM-head products per loss batch; `rb` runs always log it (they compute it anyway). Where the heads cannot
+            give it (no linear LM head), it is skipped with one warning.
         use_bias_correction_kl (`bool` or `None`, *optional*, defaults to `None`):
             trl's option to multiply the k3 term by the importance-sampling ratio. `None` means trl's default
             (`True`) for `kl_estimator="k3"` and `False` otherwise; it only applies to `k3`, so `True` with `k1` or
@@ -107,13 +118,17 @@ class GRPOConfig(trl.GRPOConfig):
     """
 
     kl_estimator: str = field(
-        default="k3",
+        default="rb",
         metadata={
-            "help": "KL estimator: 'k3' (trl's per-token k3 in the loss, biased gradient; default), 'k1' (alias 'mc': "
-            "detached sum of log ratios in the advantages, unbiased score-function gradient) or 'rb' (alias 'full': "
-            "Rao-Blackwellized surrogate with the exact per-token KL, unbiased, typically lower variance). Case-insensitive. "
-            "With beta=0 there is no KL term and every mode trains like trl."
+            "help": "KL estimator: 'rb' (alias 'full'; default): Rao-Blackwellized surrogate with the exact per-token "
+            "KL, unbiased, typically lower variance; 'k3': trl's per-token k3 in the loss, biased gradient; 'k1' "
+            "(alias 'mc'): detached sum of log ratios in the advantages, unbiased score-function gradient. "
+            "Case-insensitive. With beta=0 there is no KL term and every mode trains like trl."
         },
+    )
+    rb_kl_metric: bool = field(
+        default=True,
+        metadata={"help": "Whether k1/k3 runs also log kl/rb (costs two LM-head products per loss batch)."},
     )
     use_bias_correction_kl: bool | None = field(
         default=None,
@@ -203,16 +218,22 @@ class GRPOTrainer(HiddenCaptureMixin, trl.GRPOTrainer):
     _tag_names = [*trl.GRPOTrainer._tag_names, "trl-rb"]
 
     def __init__(self, model, reward_funcs=None, args=None, *pos_args, ref_model=None, **kwargs):
-        estimator = canonical_estimator(getattr(args, "kl_estimator", "k3"), allowed=GRPO_KL_ESTIMATORS)
+        estimator = canonical_estimator(getattr(args, "kl_estimator", "rb"), allowed=GRPO_KL_ESTIMATORS)
         if args is not None:
-            if estimator != "k3":
-                if getattr(args, "use_bias_correction_kl", False):
+            check_rb_config(args, estimator, trainer="GRPO")
+            if estimator != "k3" and getattr(args, "use_bias_correction_kl", False):
+                if isinstance(args, GRPOConfig):
                     raise ValueError(
                         f"use_bias_correction_kl=True only applies to trl's k3 term, not kl_estimator={estimator!r}; "
                         "set it to False (trl_rb.GRPOConfig does that by default)."
                     )
-            if args.beta != 0.0:
-                check_rb_sampling(args, estimator)
+                if args.beta != 0.0:  # a plain trl.GRPOConfig: True is trl's default there, not the user's choice
+                    warnings.warn(
+                        f"A plain trl.GRPOConfig gives trl_rb.GRPOTrainer its default kl_estimator={estimator!r}; "
+                        "use_bias_correction_kl (a k3-only option, True by default in trl) has no effect. Use "
+                        "trl_rb.GRPOConfig(kl_estimator='k3') for trl's KL term.",
+                        stacklevel=2,
+                    )
         if ref_model is not None:
             if args is None or args.beta == 0.0:
                 raise ValueError("ref_model= is a KL reference: it needs args with beta > 0.")
@@ -234,16 +255,9 @@ class GRPOTrainer(HiddenCaptureMixin, trl.GRPOTrainer):
         else:
             super().__init__(model, reward_funcs, args, *pos_args, **kwargs)
         self.kl_estimator = estimator
-        self._rb_metric = self.beta != 0.0
-        if self.beta != 0.0:
-            try:  # fail at construction, not at the first step, when the heads cannot give K_t
-                head_params(self.model)
-                reference_head(self)
-            except ValueError as err:
-                if estimator == "rb":
-                    raise
-                self._rb_metric = False
-                warnings.warn(f"kl/rb will not be logged: {err}", stacklevel=2)
+        self._rb_metric = self.beta != 0.0 and (estimator == "rb" or getattr(self.args, "rb_kl_metric", True))
+        if self._rb_metric:
+            self._rb_metric = rb_heads_available(self, required=estimator == "rb")
 
     # ---------------------------------------------------------------------------------------------------------------
     # Scoring: carry the reference's completion hidden states; k1 goes into the advantages.
@@ -273,22 +287,20 @@ class GRPOTrainer(HiddenCaptureMixin, trl.GRPOTrainer):
         return calls[-1]
 
     def _add_k1_penalty(self, output: dict[str, Any], policy_calls: list[ScoredCall], ref_call: ScoredCall) -> None:
-        """advantages -= beta * (k1_i - mean of k1 over i's group), with k1_i = sum_t r_t (detached)."""
+        """advantages -= beta * (k1_i - mean of k1 over i's group), with k1_i = sum_t r_t (detached) over the tokens the
+        policy sampled (tool-call outputs, ``tool_mask`` 0, are inserted text: they are not in the sum)."""
         mask = output["completion_mask"]
+        sampled = mask * output["tool_mask"] if "tool_mask" in output else mask
         if policy_calls:  # trl already scored the sampling policy (misaligned steps or vLLM correction)
             policy_logps = policy_calls[0].logps
         else:
-            input_ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
-            attention_mask = torch.cat([output["prompt_mask"], mask], dim=1)
-            with torch.no_grad():
+            # The policy on exactly the inputs trl gave the reference (multimodal fields and the train / eval batch
+            # size included), scored the way trl scores old log-probs: no gradient, no gradient checkpointing.
+            with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
                 policy_logps, _, _ = self._get_per_token_logps_and_entropies(
-                    self.model,
-                    input_ids,
-                    attention_mask,
-                    mask.shape[1],
-                    batch_size=self.args.per_device_train_batch_size,
+                    self.model, *ref_call.args, **ref_call.kwargs
                 )
-        k1 = masked_sequence_sum(policy_logps.float() - ref_call.logps.float(), mask)
+        k1 = masked_sequence_sum(policy_logps.float() - ref_call.logps.float(), sampled)
         everyone = self.accelerator.gather(k1)  # groups may span processes: centre them globally, like the rewards
         group = self.num_generations if self.model.training else self.num_generations_eval
         grouped = everyone.view(-1, group)
@@ -382,7 +394,9 @@ class GRPOTrainer(HiddenCaptureMixin, trl.GRPOTrainer):
             mask,
             loss_type=self.loss_type,
             max_completion_length=self.max_completion_length,
-            accumulation_steps=self.current_gradient_accumulation_steps,
+            # transformers sets it inside the training loop only (evaluate() may come first); evaluation never
+            # accumulates
+            accumulation_steps=self.current_gradient_accumulation_steps if mode == "train" else 1.0,
             num_items_in_batch=inputs.get("num_items_in_batch"),
             num_processes=self.accelerator.num_processes,
             steps_per_generation=self.args.steps_per_generation,

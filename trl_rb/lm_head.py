@@ -15,7 +15,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["HeadParams", "capture_last_hidden", "completion_hidden", "head_params", "unwrap_causal_lm", "vocab_size"]
+__all__ = [
+    "HeadParams",
+    "capture_last_hidden",
+    "completion_hidden",
+    "gathered_heads",
+    "head_params",
+    "unwrap_causal_lm",
+    "vocab_size",
+]
 
 
 @dataclass
@@ -49,7 +57,8 @@ def unwrap_causal_lm(model: nn.Module) -> nn.Module:
 
 def vocab_size(model: nn.Module) -> int:
     """The number of rows of the model's LM head (PEFT- or accelerate-wrapped models are unwrapped)."""
-    return int(unwrap_causal_lm(model).get_output_embeddings().weight.shape[0])
+    weight = unwrap_causal_lm(model).get_output_embeddings().weight
+    return int(getattr(weight, "ds_shape", weight.shape)[0])  # ZeRO-3 keeps a partitioned parameter's shape there
 
 
 def _logit_scale(text_config) -> float:
@@ -65,30 +74,46 @@ def _logit_scale(text_config) -> float:
     return 1.0 if scale is None else float(scale)
 
 
-def head_params(model: nn.Module) -> HeadParams:
+def _head_module(lm: nn.Module, *, base: bool) -> nn.Module | None:
+    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+    # PEFT `modules_to_save` wraps the head: attribute access follows the adapter state at the time of access, so the
+    # reference (adapters disabled) must name the untouched original explicitly.
+    if base and head is not None and hasattr(head, "original_module"):
+        head = head.original_module
+    return head
+
+
+def head_params(model: nn.Module, *, base: bool = False) -> HeadParams:
     """The LM head of ``model`` (PEFT- or accelerate-wrapped models are unwrapped).
+
+    The tensors are the live parameters, possibly ZeRO-3 partitioned or FSDP2 DTensor shards: read them inside
+    ``gathered_heads``. With ``base=True`` a PEFT ``modules_to_save`` copy of the head is skipped for the original
+    (the head of the model with adapters disabled, i.e. the PEFT reference).
 
     Raises:
         ValueError: when the model has no linear output embedding (e.g. a tied head that is not an ``nn.Linear``-like
-            module with a ``weight`` of shape [V, H]).
+            module with a ``weight`` of shape [V, H]) or the head carries an adapter the KL would not see.
     """
     lm = unwrap_causal_lm(model)
-    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+    head = _head_module(lm, base=base)
     weight = getattr(head, "weight", None)
-    if weight is None or weight.dim() != 2:
+    # ZeRO-3 partitions a parameter to an empty tensor and keeps its shape in `ds_shape`.
+    shape = tuple(getattr(weight, "ds_shape", getattr(weight, "shape", ())))
+    if weight is None or len(shape) != 2:
         raise ValueError(
             f"{type(lm).__name__} has no linear LM head (get_output_embeddings() returned {type(head).__name__}); the "
             "RB KL needs one to compute next-token distributions from hidden states. Use kl_estimator='k1'."
-        )
-    if type(weight).__name__ == "DTensor":
-        raise ValueError(
-            "The LM head is sharded (FSDP2 DTensor); the RB KL does not gather it yet. Use kl_estimator='k1' with FSDP."
         )
     # A LoRA adapter on the LM head changes the logits without changing `weight`: refuse rather than be silently wrong.
     if hasattr(head, "lora_A") and len(getattr(head, "lora_A", {})) > 0:
         raise ValueError(
             "The LM head carries a LoRA adapter; the RB KL reads the head's base weight only. Leave lm_head out of "
-            "the LoRA target_modules, or use kl_estimator='k1'."
+            "the LoRA target_modules (modules_to_save=['lm_head'] is supported), or use kl_estimator='k1'."
+        )
+    if hasattr(head, "token_adapter"):
+        raise ValueError(
+            "The LM head carries PEFT trainable tokens (trainable_token_indices); the RB KL reads the head's weight "
+            "only. Leave the head out of trainable_token_indices, or use kl_estimator='k1'."
         )
     config = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
     return HeadParams(
@@ -97,6 +122,43 @@ def head_params(model: nn.Module) -> HeadParams:
         logit_scale=_logit_scale(config),
         softcap=getattr(config, "final_logit_softcapping", None),
     )
+
+
+def _whole(head: HeadParams) -> HeadParams:
+    """FSDP2 DTensor shards -> one full tensor, differentiable: the gradient returns to the shards averaged over the
+    mesh, as FSDP2 averages the gradients it reduces itself.
+
+    ``full_tensor()``'s default backward takes each rank's gradient as already replicated and keeps only its own
+    slice, so ranks that scored different batches would each keep their local gradient (measured: a silently wrong
+    head gradient, tests/test_fsdp2.py). Declaring it ``Partial("avg")`` makes the backward a reduce-scatter; ranks
+    that scored the same batch (tensor parallelism) average equal values, which changes nothing.
+    """
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor.placement_types import Partial
+
+    def full(t: torch.Tensor | None) -> torch.Tensor | None:
+        if not isinstance(t, DTensor):
+            return t
+        return t.full_tensor(grad_placements=[Partial("avg")] * t.device_mesh.ndim)
+
+    return HeadParams(weight=full(head.weight), bias=full(head.bias), logit_scale=head.logit_scale, softcap=head.softcap)
+
+
+@contextmanager
+def gathered_heads(*heads: HeadParams) -> Iterator[tuple[HeadParams, ...]]:
+    """The heads with whole tensors for the duration of the block, however the engine shards them.
+
+    DeepSpeed ZeRO-3: the partitioned weight and bias are all-gathered (trl's ``maybe_gather_lm_head_ctx``, which skips
+    parameters already available and de-duplicates shared ones) and re-partitioned on exit, so compute that reads them
+    (its gradients included, as ``linear_weighted_kl_sum`` does) must happen inside the block; ZeRO-3's hooks reduce
+    the head's gradient when autograd delivers it. FSDP2: DTensor shards are made whole with ``full_tensor()``. Plain
+    and DDP parameters are yielded as they are. Every process must enter the block (it is collective).
+    """
+    from trl.trainer.utils import maybe_gather_lm_head_ctx
+
+    params = [t for h in heads for t in (h.weight, h.bias) if t is not None]
+    with maybe_gather_lm_head_ctx(*params):
+        yield tuple(_whole(h) for h in heads)
 
 
 def _backbone(lm: nn.Module) -> nn.Module:

@@ -38,12 +38,13 @@ from .trainer_kl import (
     REF_HIDDEN_KEY,
     HiddenCaptureMixin,
     ScoredCall,
-    check_rb_sampling,
+    check_rb_config,
     k3_per_token,
     load_reference_model,
     log_sequence_metrics,
     masked_sequence_sum,
     prepare_reference_model,
+    rb_heads_available,
     reference_head,
     token_kl_from_hidden,
     trl_without_reference,
@@ -72,8 +73,13 @@ class RLOOConfig(trl.RLOOConfig):
             lower variance than `"k1"`, though not provably so for a whole sequence). With `"rb"` the loss also
             gets `beta` times the mean per-sequence RB KL with gradient through the policy, which makes the total
             gradient the unbiased RB gradient of E[reward] - beta * KL.
-            Case-insensitive. `"rb"` needs untruncated sampling (`top_k=0`, `top_p=1.0`, no `min_p`,
-            `repetition_penalty=1.0`).
+            Case-insensitive. `"rb"` needs untruncated sampling at `temperature` (any generation setting that
+            changes the next-token distribution is refused, see `trl_rb.sampling_check`) and on-policy batches
+            (`num_iterations=1`, `steps_per_generation <= gradient_accumulation_steps`).
+        rb_kl_metric (`bool`, *optional*, defaults to `True`):
+            Whether `k1` and `k3` runs also log `kl/rb` (the exact per-token KL summed per sequence). It costs two
+            LM-head products per generation batch; `rb` runs always log it. Where the heads cannot give it (no linear
+            LM head), it is skipped with one warning.
         stepwise (`bool` or `None`, *optional*, defaults to `None`):
             The research code's switch, kept for its users: `True` means `kl_estimator="rb"`, `False` means
             `kl_estimator="k1"`. Setting it together with a `kl_estimator` that says otherwise is an error.
@@ -86,6 +92,10 @@ class RLOOConfig(trl.RLOOConfig):
             "per-step KL of the next-token distributions, Rao-Blackwellized, with its analytic gradient added to the "
             "loss; 'k1' (alias 'mc'): sampled log ratio, trl's behaviour; 'k3': exp(-r) - 1 + r per token.",
         },
+    )
+    rb_kl_metric: bool = field(
+        default=True,
+        metadata={"help": "Whether k1/k3 runs also log kl/rb (costs two LM-head products per generation batch)."},
     )
     stepwise: bool | None = field(
         default=None,
@@ -162,8 +172,7 @@ class RLOOTrainer(HiddenCaptureMixin, trl.RLOOTrainer):
                 "ref_model and sync_ref_model=True contradict each other: syncing would overwrite the chosen reference "
                 "with the policy. Use one of them."
             )
-        if args.beta != 0.0:
-            check_rb_sampling(args, self.kl_estimator)
+        check_rb_config(args, self.kl_estimator, trainer="RLOO")
         self._rb_phase: str | None = None
         self._rb_pending: dict[str, torch.Tensor] | None = None
         init = dict(
@@ -181,15 +190,20 @@ class RLOOTrainer(HiddenCaptureMixin, trl.RLOOTrainer):
         )
         if ref_model is None:
             super().__init__(**init)
-            return
-        # trl builds no copy of the starting model (it could not for an in-memory policy); ours is installed instead.
-        with trl_without_reference(args):
-            super().__init__(**init)
-        self.beta = args.beta
-        loaded = load_reference_model(
-            ref_model, policy=self.model, processing_class=self.processing_class, model_init_kwargs=args.model_init_kwargs
-        )
-        self.ref_model = prepare_reference_model(self, loaded)
+        else:
+            # trl builds no copy of the starting model (it could not for an in-memory policy); ours replaces it.
+            with trl_without_reference(args):
+                super().__init__(**init)
+            self.beta = args.beta
+            loaded = load_reference_model(
+                ref_model,
+                policy=self.model,
+                processing_class=self.processing_class,
+                model_init_kwargs=args.model_init_kwargs,
+            )
+            self.ref_model = prepare_reference_model(self, loaded)
+        wanted = self.beta != 0.0 and (self.kl_estimator == "rb" or getattr(self.args, "rb_kl_metric", True))
+        self._rb_metric = wanted and rb_heads_available(self, required=self.kl_estimator == "rb")
 
     # ---------------------------------------------------------------------------------------------------------------
     # Scoring: the reference call's log-probs become old - (per-token estimate), so trl's penalty is the estimate.
@@ -224,17 +238,19 @@ class RLOOTrainer(HiddenCaptureMixin, trl.RLOOTrainer):
             return logps
         policy = self._rb_calls[0]
         mask = call.completion_mask.bool()
-        with torch.no_grad():
-            k = token_kl_from_hidden(
-                policy.hidden,
-                head_params(policy.model),
-                call.hidden,
-                reference_head(self),
-                temperature=self.temperature,
-                mask=mask,
-            )
-            r = torch.where(mask, policy.logps - logps, torch.zeros((), dtype=logps.dtype, device=logps.device))
-        self._rb_pending = {"kl/k1": masked_sequence_sum(r, mask), "kl/rb": masked_sequence_sum(k, mask)}
+        r = torch.where(mask, policy.logps - logps, torch.zeros((), dtype=logps.dtype, device=logps.device))
+        self._rb_pending = {"kl/k1": masked_sequence_sum(r, mask)}
+        if self._rb_metric:
+            with torch.no_grad():
+                k = token_kl_from_hidden(
+                    policy.hidden,
+                    head_params(policy.model),
+                    call.hidden,
+                    reference_head(self),
+                    temperature=self.temperature,
+                    mask=mask,
+                )
+            self._rb_pending["kl/rb"] = masked_sequence_sum(k, mask)
         if self.kl_estimator == "rb":
             per_token = k.to(logps.dtype)
         elif self.kl_estimator == "k3":

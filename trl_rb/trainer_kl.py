@@ -14,27 +14,38 @@ completion token i (for hidden states, the hidden state just *before* token i, w
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
 from .kl import linear_token_kl, linear_weighted_kl_sum
-from .lm_head import HeadParams, capture_last_hidden, completion_hidden, head_params, unwrap_causal_lm, vocab_size
+from .lm_head import (
+    HeadParams,
+    capture_last_hidden,
+    completion_hidden,
+    gathered_heads,
+    head_params,
+    unwrap_causal_lm,
+    vocab_size,
+)
+from .sampling_check import check_rb_sampling
 
 __all__ = [
     "REF_HIDDEN_KEY",
     "HiddenCaptureMixin",
     "ScoredCall",
-    "check_rb_sampling",
+    "check_rb_config",
     "k3_per_token",
     "load_reference_model",
     "log_sequence_metrics",
     "masked_sequence_sum",
     "prepare_reference_model",
+    "rb_heads_available",
     "trl_without_reference",
     "reference_head",
     "token_kl_from_hidden",
@@ -57,6 +68,9 @@ class ScoredCall:
             forward ran with gradients).
         completion_mask: [B, C] the attention mask of the completion positions (1 = real token, 0 = padding).
         logps: [B, C] the per-token log-probs trl's fused head returned (as returned, before any rewrite).
+        args: the positional arguments after ``model`` (input ids, attention mask, logits_to_keep, ...) and
+        kwargs: the keyword arguments (batch size, multimodal inputs, ...), as trl passed them, so that the same
+            inputs can be scored by another model.
     """
 
     index: int
@@ -64,6 +78,8 @@ class ScoredCall:
     hidden: torch.Tensor
     completion_mask: torch.Tensor
     logps: torch.Tensor
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 class HiddenCaptureMixin:
@@ -109,6 +125,8 @@ class HiddenCaptureMixin:
             hidden=torch.cat([completion_hidden(h, logits_to_keep) for h in captured], dim=0),
             completion_mask=attention_mask[:, -logits_to_keep:],
             logps=logps,
+            args=(input_ids, attention_mask, logits_to_keep, *args),
+            kwargs=kwargs,
         )
         self._rb_calls.append(call)
         return self._rb_transform_call(call, logps), entropies, aux
@@ -152,15 +170,16 @@ def token_kl_from_hidden(
     """
     keep = None if mask is None else mask.bool()
     hp, hq = (policy_hidden, ref_hidden) if keep is None else (policy_hidden[keep], ref_hidden[keep])
-    k = linear_token_kl(
-        hp,
-        policy_head.weight,
-        hq.detach(),
-        ref_head.weight.detach(),
-        temperature=temperature,
-        chunk_size=chunk_size,
-        **_head_kwargs(policy_head, ref_head),
-    )
+    with gathered_heads(policy_head, ref_head) as (policy_head, ref_head):
+        k = linear_token_kl(
+            hp,
+            policy_head.weight,
+            hq.detach(),
+            ref_head.weight.detach(),
+            temperature=temperature,
+            chunk_size=chunk_size,
+            **_head_kwargs(policy_head, ref_head),
+        )
     if keep is None:
         return k
     # only real tokens are computed (padding costs nothing); padding is exactly 0
@@ -195,17 +214,18 @@ def weighted_kl_sum_from_hidden(
         0-d float32 tensor (float64 for float64 inputs), whose value and gradient equal those of
         ``(weights * token_kl_from_hidden(...)).sum()``; with ``return_token_kl``, the pair (sum, per-token KL).
     """
-    return linear_weighted_kl_sum(
-        policy_hidden,
-        policy_head.weight,
-        ref_hidden.detach(),
-        ref_head.weight.detach(),
-        weights,
-        temperature=temperature,
-        chunk_size=chunk_size,
-        return_token_kl=return_token_kl,
-        **_head_kwargs(policy_head, ref_head),
-    )
+    with gathered_heads(policy_head, ref_head) as (policy_head, ref_head):
+        return linear_weighted_kl_sum(
+            policy_hidden,
+            policy_head.weight,
+            ref_hidden.detach(),
+            ref_head.weight.detach(),
+            weights,
+            temperature=temperature,
+            chunk_size=chunk_size,
+            return_token_kl=return_token_kl,
+            **_head_kwargs(policy_head, ref_head),
+        )
 
 
 def k3_per_token(log_ratio: torch.Tensor) -> torch.Tensor:
@@ -234,41 +254,63 @@ def log_sequence_metrics(trainer: Any, mode: str, values: dict[str, torch.Tensor
 
 def reference_head(trainer: Any) -> HeadParams:
     """The reference's LM head: ``trainer.ref_model``'s, or, without one (PEFT policy, adapters disabled), the policy
-    model's base head (head_params refuses a LoRA'd head). Weights are detached: the reference is a constant."""
-    source = trainer.ref_model if getattr(trainer, "ref_model", None) is not None else trainer.model
-    head = head_params(source)
-    return HeadParams(
-        weight=head.weight.detach(),
-        bias=None if head.bias is None else head.bias.detach(),
-        logit_scale=head.logit_scale,
-        softcap=head.softcap,
-    )
+    model's base head: the original under a ``modules_to_save`` copy (head_params refuses a LoRA'd head).
+
+    The tensors are live parameters (a detached ZeRO-3 partition would stay empty when gathered); the KL functions
+    here treat the reference side as a constant."""
+    ref_model = getattr(trainer, "ref_model", None)
+    if ref_model is not None:
+        return head_params(ref_model)
+    return head_params(trainer.model, base=True)
 
 
-def check_rb_sampling(args: Any, estimator: str) -> None:
-    """Refuse sampling settings under which the RB KL (a full-softmax expectation) is not the sampled distribution.
+def check_rb_config(args: Any, estimator: str, *, trainer: str) -> None:
+    """Refuse, at construction, the configurations the RB math does not cover (only when ``args.beta != 0``).
 
-    trl's fused head scores with softmax(logits / temperature) over the whole vocabulary; top-k, top-p, min-p and a
-    repetition penalty sample from a different distribution, so K_n would be the KL of distributions the tokens were
-    not drawn from.
+    - Sampling (``sampling_check.check_rb_sampling``, deny by default): ``rb`` needs tokens drawn from the full
+      softmax(logits / temperature).
+    - Off-policy updates: ``rb``'s analytic term is E_p[sum_n K_n] differentiated at the sampling policy; batches
+      reused after an optimizer step (``num_iterations > 1``, or ``steps_per_generation`` above
+      ``gradient_accumulation_steps``) come from an older policy, and the importance-weighted RB terms they would
+      need are not implemented.
 
     Raises:
         ValueError: naming the setting and the fix.
     """
+    if args.beta == 0.0:
+        return
+    check_rb_sampling(args, estimator)
     if estimator != "rb":
         return
-    # generation_kwargs override the named settings (trl merges them last)
-    settings = {name: getattr(args, name, None) for name in ("top_k", "top_p", "min_p", "repetition_penalty")}
-    settings.update({k: v for k, v in (getattr(args, "generation_kwargs", None) or {}).items() if k in settings})
-    harmless = {"top_k": (0, None), "top_p": (1.0, None), "min_p": (0.0, None), "repetition_penalty": (1.0, None)}
-    fixes = {"top_k": "0", "top_p": "1.0", "min_p": "None", "repetition_penalty": "1.0"}
-    problems = [f"{k}={v!r} (use {fixes[k]})" for k, v in settings.items() if v not in harmless[k]]
-    if problems:
+    reuse = []
+    if getattr(args, "num_iterations", 1) > 1:
+        reuse.append(f"num_iterations={args.num_iterations} (use 1)")
+    steps, accumulation = getattr(args, "steps_per_generation", None), args.gradient_accumulation_steps
+    if steps is not None and steps > accumulation:
+        reuse.append(f"steps_per_generation={steps} > gradient_accumulation_steps={accumulation} (make them equal)")
+    if reuse:
         raise ValueError(
-            "kl_estimator='rb' computes the exact KL of the full next-token distributions softmax(logits / "
-            f"temperature), but {', '.join(problems)} samples from a truncated or reweighted one. Change those "
-            "settings, or use kl_estimator='k1'."
+            f"kl_estimator='rb' in {trainer} differentiates the exact KL at the policy that sampled the batch, but "
+            f"{', '.join(reuse)} trains on batches sampled by an earlier policy (off-policy updates, which trl_rb's RB "
+            "terms do not importance-weight yet). Change those settings, or use kl_estimator='k1'."
         )
+
+
+def rb_heads_available(trainer: Any, *, required: bool) -> bool:
+    """Whether both LM heads can give the exact per-token KL (checked at construction, not at the first step).
+
+    Raises the heads' ValueError when ``required`` (``rb``); otherwise warns once and returns False, so a ``k1`` /
+    ``k3`` run skips the ``kl/rb`` metric instead of failing.
+    """
+    try:
+        head_params(trainer.model)
+        reference_head(trainer)
+    except ValueError as err:
+        if required:
+            raise
+        warnings.warn(f"kl/rb will not be logged: {err}", stacklevel=3)
+        return False
+    return True
 
 
 def load_reference_model(

@@ -1,0 +1,94 @@
+"""A few training steps of a trl_rb trainer under one distributed engine; prints the per-step logs as JSON.
+
+Run by ``tests/test_engines.py`` as ``torchrun --nproc_per_node 2 tests/engine_run.py --engine zero3 ...`` (with
+``DS_ACCELERATOR=cpu`` for DeepSpeed), so that the same steps under DDP and under DeepSpeed ZeRO-2/3 can be compared
+number for number. The model is loaded from a local folder (``--model``), as a user's run would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+from datasets import Dataset
+
+ENGINES = ("ddp", "zero2", "zero3")
+
+
+def deepspeed_config(stage: int) -> dict:
+    return {
+        "zero_optimization": {"stage": stage},
+        "zero_allow_untested_optimizer": True,
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+    }
+
+
+def low_words_reward(completion_ids, **_):
+    """Fraction of completion tokens among ids 3..22 (about a third at the start: dense enough to move the model)."""
+    return [sum(3 <= t < 23 for t in ids) / max(len(ids), 1) for ids in completion_ids]
+
+
+def build_trainer(opts: argparse.Namespace):
+    import trl_rb
+
+    common = dict(
+        output_dir=opts.out,
+        per_device_train_batch_size=4,
+        num_generations=4,
+        max_completion_length=6,
+        beta=0.2,
+        kl_estimator=opts.estimator,
+        learning_rate=opts.lr,
+        max_steps=opts.steps,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        disable_dropout=True,  # dropout masks would differ between engines
+        seed=opts.seed,
+        temperature=opts.temperature,
+        deepspeed=None if opts.engine == "ddp" else deepspeed_config(int(opts.engine[-1])),
+    )
+    if opts.trainer == "grpo":
+        config_cls, trainer_cls = trl_rb.GRPOConfig, trl_rb.GRPOTrainer
+        common.update(loss_type="dr_grpo", scale_rewards="none")
+    else:
+        config_cls, trainer_cls = trl_rb.RLOOConfig, trl_rb.RLOOTrainer
+    peft_config = None
+    if opts.peft:
+        import peft
+
+        peft_config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], task_type="CAUSAL_LM")
+    prompts = Dataset.from_dict({"prompt": [f"w{i + 5} w{i + 6}" for i in range(32)]})
+    return trainer_cls(
+        opts.model, low_words_reward, args=config_cls(**common), train_dataset=prompts, peft_config=peft_config
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--trainer", choices=("grpo", "rloo"), required=True)
+    parser.add_argument("--estimator", choices=("k1", "k3", "rb"), required=True)
+    parser.add_argument("--engine", choices=ENGINES, required=True)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--peft", action="store_true")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--lr", type=float, default=3e-2)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    opts = parser.parse_args()
+    torch.set_num_threads(1)
+    trainer = build_trainer(opts)
+    trainer.train()
+    if int(os.environ.get("RANK", "0")) == 0:
+        logs = [h for h in trainer.state.log_history if "loss" in h]
+        print("LOGS " + json.dumps(logs), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""The trainers' RB KL term on an FSDP2-sharded policy (``fully_shard`` over gloo), against the unsharded model.
+
+Run by ``tests/test_fsdp2.py`` as ``torchrun --nproc_per_node 2 tests/fsdp2_run.py OUT``. Each rank scores its own
+batch: the policy's last hidden states are captured from its forward as the trainers capture them, and the weighted
+KL sum (``weighted_kl_sum_from_hidden``, whose heads go through ``gathered_heads``) is backpropagated. FSDP2 averages
+the gradients over the ranks; rank 0 writes the per-rank values and the full (gathered) gradients, and the same
+quantities computed by one process on unsharded copies of the same model, to OUT as a torch file. Two cases: a tied
+head in the root group (unsharded right after the forward), and an untied head in a group of its own (still DTensor
+shards, made whole by ``full_tensor()``, whose backward must return the gradients to the shards).
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+
+from trl_rb.lm_head import capture_last_hidden, completion_hidden, head_params
+from trl_rb.trainer_kl import weighted_kl_sum_from_hidden
+
+VOCAB, PROMPT, COMPLETION, BATCH = 11, 3, 5, 4
+
+
+def tiny_lm(seed: int, *, tied: bool = True):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=VOCAB, n_positions=16, n_embd=16, n_layer=2, n_head=2, resid_pdrop=0.0,
+                        embd_pdrop=0.0, attn_pdrop=0.0, initializer_range=0.3, tie_word_embeddings=tied)  # fmt: skip
+    return GPT2LMHeadModel(config).float()
+
+
+def batch_of(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(100 + rank)
+    ids = torch.randint(0, VOCAB, (BATCH, PROMPT + COMPLETION), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0  # a left-padded prompt
+    mask[1, -2:] = 0  # a completion that ended early
+    return ids, mask
+
+
+def kl_term(policy, reference, ids, mask) -> torch.Tensor:
+    with capture_last_hidden(policy) as captured:
+        policy(input_ids=ids, attention_mask=mask)
+    with torch.no_grad(), capture_last_hidden(reference) as ref_captured:
+        reference(input_ids=ids, attention_mask=mask)
+    weights = mask[:, -COMPLETION:].float() / BATCH
+    return weighted_kl_sum_from_hidden(
+        completion_hidden(captured[0], COMPLETION),
+        head_params(policy),
+        completion_hidden(ref_captured[0], COMPLETION),
+        head_params(reference),
+        weights,
+        temperature=0.7,
+    )
+
+
+def full_grads(model) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, p in model.named_parameters():
+        g = p.grad
+        out[name] = (g.full_tensor() if isinstance(g, DTensor) else g).detach().clone()
+    return out
+
+
+def sharded(model, *, head_group: bool):
+    for block in model.transformer.h:
+        fully_shard(block)
+    if head_group:  # the head in a group of its own: its forward never runs (fused heads), so it stays DTensor shards
+        fully_shard(model.lm_head)
+    return fully_shard(model)
+
+
+def main(out: str) -> None:
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.set_num_threads(1)
+    reference = tiny_lm(1).eval()
+    results = {}
+    for tied in (True, False):
+        policy = tiny_lm(0, tied=tied)
+        unsharded = copy.deepcopy(policy)
+        sharded(policy, head_group=not tied)
+        value = kl_term(policy, reference, *batch_of(rank))
+        if not tied:
+            assert isinstance(policy.lm_head.weight, DTensor)
+        value.backward()
+        values = [torch.zeros(()) for _ in range(world)]
+        dist.all_gather(values, value.detach())
+        case = {"values": torch.stack(values), "grads": full_grads(policy)}  # collective: every rank gathers
+        if rank == 0:
+            case["expected_values"], case["expected_grads"] = unsharded_reference(unsharded, reference, world)
+        results["tied head in the root group" if tied else "untied head in its own group"] = case
+    if rank == 0:
+        torch.save(results, out)
+    dist.destroy_process_group()
+
+
+def unsharded_reference(policy, reference, world: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Each rank's value, and the rank-averaged gradient (FSDP2 averages), from one process on the full model."""
+    values, grads = [], {}
+    for r in range(world):
+        policy.zero_grad(set_to_none=True)
+        v = kl_term(policy, reference, *batch_of(r))
+        v.backward()
+        values.append(v.detach())
+        for name, p in policy.named_parameters():
+            grads[name] = grads.get(name, 0) + p.grad / world
+    return torch.stack(values), grads
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
