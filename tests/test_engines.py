@@ -58,6 +58,7 @@ def assert_same_steps(reference: list[dict], other: list[dict]) -> None:
     [
         ("grpo", "rb", ()),
         ("grpo", "k1", ()),
+        ("grpo", "k3", ()),
         ("rloo", "rb", ()),
         ("rloo", "k1", ()),
         ("rloo", "k3", ()),

@@ -52,11 +52,14 @@ def make_trainer(
     use_ref_model: bool = True,
     model=None,
     peft_config=None,
+    dtype: torch.dtype = torch.float64,
     **config,
 ):
     """A trainer on the tiny pair: policy = ``tiny_gpt2_pair(seed)[0]``, reference = ``[1]`` (via ``ref_model=``)."""
-    policy, reference = tiny_gpt2_pair(VOCAB, seed=seed, **MODEL_KW)
+    policy, reference = tiny_gpt2_pair(VOCAB, seed=seed, dtype=dtype, **MODEL_KW)
     config.setdefault("scale_rewards", "none")
+    # trl's default autocasts its log-prob head to bf16, even on CPU; the tests compare in float64
+    config.setdefault("bf16", False)
     args = GRPOConfig(
         output_dir=str(tmp_path),
         per_device_train_batch_size=batch,
@@ -67,7 +70,6 @@ def make_trainer(
         kl_estimator=estimator,
         report_to=[],
         use_cpu=True,
-        bf16=False,  # trl's default autocasts its log-prob head to bf16, even on CPU; the tests compare in float64
         logging_steps=1,
         save_strategy="no",
         **config,

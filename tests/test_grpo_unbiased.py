@@ -19,7 +19,7 @@ import math
 
 import pytest
 import torch
-from test_grpo import VOCAB, make_trainer, score_batch
+from test_grpo import PROMPT, VOCAB, make_trainer, score_batch
 
 from trl_rb.exact import exact_kl_and_grad
 
@@ -28,23 +28,50 @@ NB, BATCH, GROUP, MAX_LEN, BETA = 200, 64, 16, 4, 0.1
 K3_NB = 100  # k3's bias is tens of standard errors: half the batches show it just as clearly
 
 
-def gradient_study(estimator: str, tmp_path, nb: int = NB, **config) -> dict[str, float]:
+# Two prompts of different lengths (token ids 0 and 0 1 2): left padding, and a KL averaged over prompts.
+MIXED_PROMPTS = {"<bos>": [0], "<bos> a b": [0, 1, 2]}
+
+
+def exact_mean_grad(policy, reference, named, prompts: dict[str, list[int]], temperature: float) -> torch.Tensor:
+    """The exact grad of the prompt-averaged KL(p || q) at ``temperature``, flattened like ``named``."""
+    total = None
+    for ids in prompts.values():
+        _, grads = exact_kl_and_grad(policy, reference, ids, max_new_tokens=MAX_LEN, eos_token_id=VOCAB - 1,
+                                     temperature=temperature, params=dict(named))  # fmt: skip
+        flat = torch.cat([grads[n].flatten() for n, _ in named])
+        total = flat if total is None else total + flat
+    return total / len(prompts)
+
+
+def mixed_batch(trainer, prompts: dict[str, list[int]], seed: int) -> dict:
+    """A generation batch with BATCH // len(prompts) completions of each prompt, in trl's order (groups adjacent)."""
+    torch.manual_seed(seed)
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    return trainer._generate_and_score_completions([{"prompt": p} for p in prompts for _ in range(BATCH // len(prompts))])
+
+
+def gradient_study(estimator: str, tmp_path, nb: int = NB, prompts=None, **config) -> dict[str, float]:
+    prompts = prompts or {PROMPT: [0]}
     trainer, policy, reference = make_trainer(
         estimator, tmp_path, batch=BATCH, group=GROUP, max_len=MAX_LEN, beta=BETA, **config
     )
     named = [(n, p) for n, p in trainer.model.named_parameters() if p.requires_grad]
-    _, exact = exact_kl_and_grad(
-        policy, reference, [0], max_new_tokens=MAX_LEN, eos_token_id=VOCAB - 1, params=dict(named)
-    )
-    exact = torch.cat([exact[n].flatten() for n, _ in named])
+    exact = exact_mean_grad(policy, reference, named, prompts, trainer.temperature)
     params = [p for _, p in named]
     grads = []
     for b in range(nb):
-        inputs = score_batch(trainer, BATCH, seed=SEED0 + b)
+        inputs = mixed_batch(trainer, prompts, seed=SEED0 + b)
         loss = trainer.compute_loss(trainer.model, inputs)
         parts = torch.autograd.grad(loss, params, allow_unused=True)
         grads.append(torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for g, p in zip(parts, params, strict=True)]))
-    grads = torch.stack(grads)  # [NB, D]
+    return z_statistics(torch.stack(grads), exact)
+
+
+def z_statistics(grads: torch.Tensor, exact: torch.Tensor) -> dict[str, float]:
+    """Per-batch gradients [NB, D] against the exact gradient [D]: fitted scale c (mean ~ c * exact), its standard
+    error, and per-coordinate z-scores of mean - c * exact."""
+    nb = grads.shape[0]
     mean, se = grads.mean(0), grads.std(0) / math.sqrt(nb)
     # Coordinates the KL does not depend on: position embeddings past the last step (exactly 0) and the attention key
     # biases (softmax is shift-invariant: rounding-level values ~1e-19 in both). Their z would compare rounding errors.
@@ -80,6 +107,16 @@ def test_unbiased_estimators_follow_exact_grad_kl(tmp_path, estimator, expected_
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("estimator, expected_c", [("rb", BETA / MAX_LEN), ("k1", BETA * (GROUP - 1) / GROUP / MAX_LEN)])
+def test_unbiased_at_temperature_with_prompts_of_two_lengths(tmp_path, estimator, expected_c):
+    """The same test at temperature 0.7 (sampling, K_t and l_t all at T) with two prompts of different lengths."""
+    study = gradient_study(estimator, tmp_path, prompts=MIXED_PROMPTS, temperature=0.7)
+    print(estimator, "T=0.7, mixed prompts", study)
+    assert study["max_abs_z"] < 4.5, study
+    assert abs(study["c"] - expected_c) < 4.5 * study["c_se"], study
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("bias_correction", [True, False])
 def test_trl_k3_gradient_is_biased(tmp_path, bias_correction):
     """trl's k3 term: its mean gradient is not parallel to grad KL (the finding the README reports)."""
@@ -87,3 +124,52 @@ def test_trl_k3_gradient_is_biased(tmp_path, bias_correction):
     print("k3", bias_correction, study)
     assert study["frac_over_4se"] > 0.2, study
     assert study["max_abs_z"] > 20, study
+
+
+def off_policy_study(tmp_path, *, weighted: bool, nb: int = NB, shift: float = 0.15) -> dict[str, float]:
+    """A second iteration (``num_iterations=2``): batches sampled by p_old, the loss at a moved policy p.
+
+    Every batch is scored (and its old log-probs recorded by trl) at the sampling parameters theta_old; the
+    parameters are then moved to theta = theta_old + shift * noise (fixed) and the loss gradient taken there. The mean
+    must be c * grad KL(p_theta || q): the importance-weighted RB terms make it so; ``weighted=False`` drops trl's
+    old log-probs from the batch, i.e. treats the stale batch as on-policy.
+    """
+    trainer, policy, reference = make_trainer(
+        "rb", tmp_path, batch=BATCH, group=GROUP, max_len=MAX_LEN, beta=BETA, num_iterations=2
+    )
+    named = [(n, p) for n, p in trainer.model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    theta_old = torch.nn.utils.parameters_to_vector(params).detach().clone()
+    noise = torch.randn(theta_old.shape, generator=torch.Generator().manual_seed(7), dtype=theta_old.dtype)
+    theta = theta_old + shift * noise
+    torch.nn.utils.vector_to_parameters(theta, params)
+    _, exact = exact_kl_and_grad(
+        policy, reference, [0], max_new_tokens=MAX_LEN, eos_token_id=VOCAB - 1, params=dict(named)
+    )
+    exact = torch.cat([exact[n].flatten() for n, _ in named])
+    grads = []
+    for b in range(nb):
+        torch.nn.utils.vector_to_parameters(theta_old, params)
+        inputs = score_batch(trainer, BATCH, seed=SEED0 + b)
+        assert inputs["old_per_token_logps"] is not None  # trl scores the sampler when iterations > 1
+        if not weighted:
+            inputs = {k: v for k, v in inputs.items() if k != "old_per_token_logps"}
+        torch.nn.utils.vector_to_parameters(theta, params)
+        loss = trainer.compute_loss(trainer.model, inputs)
+        parts = torch.autograd.grad(loss, params, allow_unused=True)
+        grads.append(torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for g, p in zip(parts, params, strict=True)]))
+    return z_statistics(torch.stack(grads), exact)
+
+
+@pytest.mark.slow
+def test_rb_second_iteration_is_unbiased_with_importance_weights(tmp_path):
+    """Unclipped ratios (reward 0: trl's clipped policy-gradient term is 0, only the KL term acts): the importance-
+    weighted RB gradient on a stale batch is c * grad KL at the current policy; without the weights it is biased."""
+    # importance weights have heavier tails than on-policy gradients: 400 batches (200 gave max |z| 4.56, 800 gave 2.0)
+    study = off_policy_study(tmp_path, weighted=True, nb=2 * NB)
+    print("off-policy rb, weighted", study)
+    assert study["max_abs_z"] < 4.5, study
+    assert abs(study["c"] - BETA / MAX_LEN) < 4.5 * study["c_se"], study
+    stale = off_policy_study(tmp_path / "stale", weighted=False, nb=K3_NB)  # measured: 83% of coordinates > 4 SE
+    print("off-policy rb, unweighted", stale)
+    assert stale["frac_over_4se"] > 0.05 or abs(stale["c"] - BETA / MAX_LEN) > 10 * stale["c_se"], stale

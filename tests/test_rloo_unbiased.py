@@ -31,6 +31,7 @@ import trl
 from datasets import Dataset
 from enumerable import tiny_gpt2_pair
 from test_grpo import MODEL_KW, PROMPT, VOCAB, score_batch, tiny_tokenizer, zero_reward
+from test_grpo_unbiased import MIXED_PROMPTS, exact_mean_grad, mixed_batch
 
 from trl_rb.exact import exact_kl_and_grad
 from trl_rb.rloo import RLOOConfig, RLOOTrainer
@@ -42,7 +43,7 @@ NB, BATCH, GROUP, MAX_LEN, BETA = 200, 64, 16, 4, 0.1
 Z_MAX = 4.5
 
 
-def make_trainer(estimator: str, root) -> RLOOTrainer:
+def make_trainer(estimator: str, root, temperature: float = 1.0) -> RLOOTrainer:
     """An RLOO trainer on the tiny float64 pair: policy = ``tiny_gpt2_pair(0)[0]``, reference = ``[1]``.
 
     The models go through disk: trl's RLOO constructor builds its own reference copy from the policy's path before
@@ -56,13 +57,13 @@ def make_trainer(estimator: str, root) -> RLOOTrainer:
             tiny_tokenizer().save_pretrained(path)
         paths.append(str(path))
     args = RLOOConfig(
-        output_dir=str(root / f"out_{estimator}"),
+        output_dir=str(root / f"out_{estimator}_{temperature}"),
         per_device_train_batch_size=BATCH,
         num_generations=GROUP,
         max_completion_length=MAX_LEN,
         beta=BETA,
         kl_estimator=estimator,
-        temperature=1.0,
+        temperature=temperature,
         bf16=False,  # the comparison is in float64
         disable_dropout=True,
         model_init_kwargs={"dtype": torch.float64},
@@ -157,3 +158,18 @@ def test_rb_gradient_variance_below_k1(studies):
     """Same completions, same baseline: rb's per-batch gradient variance is a fraction of k1's (measured ~0.12)."""
     ratio = studies["rb"]["variance"] / studies["k1"]["variance"]
     assert ratio < 0.5, ratio
+
+
+@pytest.mark.parametrize("estimator", ["k1", "rb"])
+def test_unbiased_at_temperature_with_prompts_of_two_lengths(tmp_path, estimator):
+    """The same at temperature 0.7 with two prompts of different lengths (left padding; KL averaged over prompts)."""
+    trainer = make_trainer(estimator, tmp_path, temperature=0.7)
+    named = [(n, p) for n, p in trainer.model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    exact = exact_mean_grad(trainer.model, trainer.ref_model, named, MIXED_PROMPTS, 0.7)
+    grads = [flat_grad(trainer.compute_loss(trainer.model, mixed_batch(trainer, MIXED_PROMPTS, seed=SEED0 + b)), params)
+             for b in range(NB)]  # fmt: skip
+    study = compare(torch.stack(grads), exact, BETA)
+    print(estimator, "T=0.7, mixed prompts", study)
+    assert study["max_abs_z"] < Z_MAX, study
+    assert abs(study["c"] - BETA) < Z_MAX * study["c_se"], study

@@ -136,7 +136,8 @@ class EstimateResult:
         v = self.values[name].reshape(-1)
         n = v.size
         mean = float(v.mean())
-        std = float(v.std(ddof=1)) if n > 1 else float("nan")
+        var = float(v.var(ddof=1)) if n > 1 else float("nan")
+        std = math.sqrt(var)
         se = std / math.sqrt(n)
         k1 = self.values.get("k1")
         var_k1 = float(k1.reshape(-1).var(ddof=1)) if k1 is not None and n > 1 else float("nan")
@@ -147,9 +148,8 @@ class EstimateResult:
             "se": se,
             "ci95": [mean - 1.959963984540054 * se, mean + 1.959963984540054 * se],
             "frac_negative": float((v < 0).mean()),
-            "var_ratio_vs_k1": std * std / var_k1
-            if var_k1 > 0
-            else (1.0 if std == 0 and var_k1 == 0 else float("nan")),
+            # var / var_k1 from the same float computation: k1's own ratio is exactly 1 (std * std / var was not)
+            "var_ratio_vs_k1": var / var_k1 if var_k1 > 0 else (1.0 if var == 0 and var_k1 == 0 else float("nan")),
             "std_m": {str(m): table[name][m]["std"] for m in self.m_values},
             "std_m_formula": {str(m): table[name][m]["std_formula"] for m in self.m_values},
         }

@@ -39,6 +39,7 @@ over the heads), which also gives the K_t values of the future sums and the metr
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,7 +48,7 @@ import torch
 import trl
 from trl.models.utils import disable_gradient_checkpointing
 
-from .kl import canonical_estimator, future_sum
+from .kl import canonical_estimator, future_sum, prefix_importance_weights
 from .lm_head import head_params
 from .trainer_kl import (
     REF_HIDDEN_KEY,
@@ -200,6 +201,13 @@ def reduce_like_loss_type(
     raise ValueError(f"Unknown loss_type {loss_type!r} (trl 1.16 GRPO: grpo, sapo, bnpo, dr_grpo, dapo, cispo, vespo, luspo).")
 
 
+def _trl_init_argument(name: str, *args: Any, **kwargs: Any) -> Any:
+    """The value ``trl.GRPOTrainer.__init__`` receives for parameter ``name`` from these arguments (or its default)."""
+    bound = inspect.signature(trl.GRPOTrainer.__init__).bind(None, *args, **kwargs)
+    bound.apply_defaults()
+    return bound.arguments[name]
+
+
 class GRPOTrainer(HiddenCaptureMixin, trl.GRPOTrainer):
     """trl's ``GRPOTrainer`` with the KL estimator chosen by ``args.kl_estimator`` (``trl_rb.GRPOConfig``).
 
@@ -220,7 +228,7 @@ class GRPOTrainer(HiddenCaptureMixin, trl.GRPOTrainer):
     def __init__(self, model, reward_funcs=None, args=None, *pos_args, ref_model=None, **kwargs):
         estimator = canonical_estimator(getattr(args, "kl_estimator", "rb"), allowed=GRPO_KL_ESTIMATORS)
         if args is not None:
-            check_rb_config(args, estimator, trainer="GRPO")
+            check_rb_config(args, estimator, trainer="GRPO", off_policy=True)
             if estimator != "k3" and getattr(args, "use_bias_correction_kl", False):
                 if isinstance(args, GRPOConfig):
                     raise ValueError(
@@ -248,8 +256,10 @@ class GRPOTrainer(HiddenCaptureMixin, trl.GRPOTrainer):
                 load_reference_model(
                     ref_model,
                     policy=self.model,
+                    args=args,
                     processing_class=self.processing_class,
-                    model_init_kwargs=args.model_init_kwargs,
+                    quantization_config=_trl_init_argument("quantization_config", model, reward_funcs, args, *pos_args,
+                                                           **kwargs),
                 ),
             )
         else:
@@ -336,10 +346,16 @@ class GRPOTrainer(HiddenCaptureMixin, trl.GRPOTrainer):
         if self.kl_estimator == "rb":
             # The K_t part of the surrogate is linear in K with weights known now (beta times the loss_type
             # normalization), so one pass gives its value, its gradient and the K_t values the future sums need.
-            weights = beta * self._reduce_weights(mask, inputs, mode)
-            kl_loss, kl_terms = self._weighted_token_kl(model, policy.hidden, inputs[REF_HIDDEN_KEY], weights)
             logps = policy.logps  # l_t with its gradient, from trl's own loss forward
-            future = future_sum(kl_terms)
+            # A batch sampled by an earlier policy (num_iterations > 1, misaligned steps): its prefixes are
+            # re-weighted by W_{<t} = p(y_<t) / p_old(y_<t), which keeps both halves of the gradient unbiased.
+            old = inputs.get("old_per_token_logps")
+            prefix = None if old is None else prefix_importance_weights(logps.detach() - old, mask)
+            weights = beta * self._reduce_weights(mask, inputs, mode)
+            if prefix is not None:
+                weights = weights * prefix
+            kl_loss, kl_terms = self._weighted_token_kl(model, policy.hidden, inputs[REF_HIDDEN_KEY], weights)
+            future = future_sum(kl_terms if prefix is None else prefix * kl_terms)
             loss = loss + kl_loss + beta * self._reduce((logps - logps.detach()) * future, mask, inputs, mode)
         elif self._rb_metric:
             with torch.no_grad():

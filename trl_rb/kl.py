@@ -387,7 +387,24 @@ def _kl_pass(
     weight and bias gradients are accumulated in ``dtype`` (float32 or float64) whatever the parameters' dtype.
 
     hp [N, H_p], hq [N, H_q]: row n of each is position n. Rows with weight 0 get exactly zero gradient.
+
+    Autocast is off inside (trl trains in bf16 autocast by default): the products run in ``dtype``, not bf16.
     """
+    with torch.autocast(hp.device.type, enabled=False):
+        return _kl_pass_float(hp, head_p, hq, head_q, temperature, chunk, dtype, weights, need)
+
+
+def _kl_pass_float(
+    hp: torch.Tensor,
+    head_p: _Head,
+    hq: torch.Tensor,
+    head_q: _Head,
+    temperature: float,
+    chunk: int,
+    dtype: torch.dtype,
+    weights: torch.Tensor | None,
+    need: tuple[bool, ...],
+) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
     n_rows, vocab = hp.shape[0], head_p.weight.shape[0]
     rows = min(chunk, max(n_rows, 1))
     grad_p = weights is not None and any(need[:3])
@@ -575,21 +592,22 @@ def linear_token_kl(
     _check_linear_inputs(hidden_p, weight_p, hidden_q, weight_q, temperature, softcap_p, softcap_q)
     chunk = _default_chunk(weight_p.shape[0], chunk_size, _LINEAR_CHUNK_ELEMENTS)
     dtype = _compute_dtype(hidden_p, weight_p, hidden_q, weight_q)
-    flat = _LinearTokenKL.apply(
-        hidden_p.reshape(-1, hidden_p.shape[-1]),
-        weight_p,
-        bias_p,
-        hidden_q.reshape(-1, hidden_q.shape[-1]),
-        weight_q,
-        bias_q,
-        float(temperature),
-        chunk,
-        float(logit_scale_p),
-        float(logit_scale_q),
-        softcap_p,
-        softcap_q,
-        dtype,
-    )
+    with torch.autocast(hidden_p.device.type, enabled=False):  # float32 math under trl's default bf16 autocast
+        flat = _LinearTokenKL.apply(
+            hidden_p.reshape(-1, hidden_p.shape[-1]),
+            weight_p,
+            bias_p,
+            hidden_q.reshape(-1, hidden_q.shape[-1]),
+            weight_q,
+            bias_q,
+            float(temperature),
+            chunk,
+            float(logit_scale_p),
+            float(logit_scale_q),
+            softcap_p,
+            softcap_q,
+            dtype,
+        )
     return flat.view(hidden_p.shape[:-1])
 
 
@@ -652,22 +670,23 @@ def linear_weighted_kl_sum(
     if not keep_all:
         flat_keep = keep.reshape(-1)
         hp, hq, w = hp[flat_keep], hq[flat_keep], w[flat_keep]
-    total, kl = _WeightedKLSum.apply(
-        hp,
-        weight_p,
-        bias_p,
-        hq,
-        weight_q.detach(),
-        None if bias_q is None else bias_q.detach(),
-        w,
-        float(temperature),
-        chunk,
-        float(logit_scale_p),
-        float(logit_scale_q),
-        softcap_p,
-        softcap_q,
-        dtype,
-    )
+    with torch.autocast(hp.device.type, enabled=False):  # float32 math under trl's default bf16 autocast
+        total, kl = _WeightedKLSum.apply(
+            hp,
+            weight_p,
+            bias_p,
+            hq,
+            weight_q.detach(),
+            None if bias_q is None else bias_q.detach(),
+            w,
+            float(temperature),
+            chunk,
+            float(logit_scale_p),
+            float(logit_scale_q),
+            softcap_p,
+            softcap_q,
+            dtype,
+        )
     if not return_token_kl:
         return total
     token_kl_values = kl.view(weights.shape) if keep_all else kl.new_zeros(weights.shape).masked_scatter(keep, kl)
@@ -764,6 +783,21 @@ def sequence_kl_terms(
 def _reverse_cumsum(x: torch.Tensor) -> torch.Tensor:
     """sum_{m >= n} x_m along the last dimension."""
     return x.flip(-1).cumsum(-1).flip(-1)
+
+
+def prefix_importance_weights(log_ratio: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """W_{<t} = prod_{s<t} p(y_s) / p_old(y_s): the importance weight of each position's prefix, [B, T] -> [B, T].
+
+    Args:
+        log_ratio: [B, T] per-token log p(y_t) - log p_old(y_t) (detach it: the weights are constants), aligned with
+            the tokens; mask: [B, T] (1 = a token the sampling policy drew; others contribute factor 1).
+
+    Returns:
+        [B, T] float (log_ratio's dtype); W_{<0} = 1. Re-weights a batch sampled by p_old into an unbiased estimate
+        under p: E_old[W_{<t} f(y_<t)] = E_p[f(y_<t)] for any function of the prefix.
+    """
+    masked = torch.where(mask.bool(), log_ratio, torch.zeros((), dtype=log_ratio.dtype, device=log_ratio.device))
+    return torch.exp(masked.cumsum(-1) - masked)
 
 
 def future_sum(x: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ __all__ = [
     "completion_hidden",
     "gathered_heads",
     "head_params",
+    "positions_from_attention_mask",
     "unwrap_causal_lm",
     "vocab_size",
 ]
@@ -189,6 +190,30 @@ def capture_last_hidden(model: nn.Module) -> Iterator[list[torch.Tensor]]:
     handle = _backbone(unwrap_causal_lm(model)).register_forward_hook(hook)
     try:
         yield captured
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def positions_from_attention_mask(model: nn.Module) -> Iterator[None]:
+    """Inside the block, a backbone forward given an ``attention_mask`` but no ``position_ids`` gets the positions
+    generation uses, ``cumsum(attention_mask) - 1``, instead of 0..L-1 counted over the left padding.
+
+    trl 1.16 scores completions without position ids. For models with absolute position embeddings (GPT-2) that
+    shifts every left-padded row: the log-probs, and the exact KL, would be those of a distribution other than the
+    one the completions were sampled from (measured: the mean GRPO KL gradient 0.67 cosine to the truth with two
+    prompt lengths, tests/test_grpo_unbiased.py). Rotary models are invariant to the shift.
+    """
+
+    def hook(_module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        if kwargs.get("position_ids") is None and isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        return args, kwargs
+
+    handle = _backbone(unwrap_causal_lm(model)).register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield
     finally:
         handle.remove()
 

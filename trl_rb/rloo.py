@@ -53,6 +53,9 @@ from .trainer_kl import (
 
 __all__ = ["RLOOConfig", "RLOOTrainer"]
 
+# Key of the [B] indicator (1 = some reward function scored the completion) in the batch dict of an rb run.
+SCORABLE_KEY = "rb_scorable"
+
 _ESTIMATORS = ("k1", "k3", "rb")
 
 
@@ -172,9 +175,17 @@ class RLOOTrainer(HiddenCaptureMixin, trl.RLOOTrainer):
                 "ref_model and sync_ref_model=True contradict each other: syncing would overwrite the chosen reference "
                 "with the policy. Use one of them."
             )
-        check_rb_config(args, self.kl_estimator, trainer="RLOO")
+        check_rb_config(args, self.kl_estimator, trainer="RLOO", off_policy=False)
+        if self.kl_estimator == "rb" and args.beta != 0.0 and args.normalize_advantages:
+            raise ValueError(
+                "kl_estimator='rb' with normalize_advantages=True would divide the score-function half of the RB "
+                "gradient (the KL penalty inside the advantages) by the advantages' standard deviation but not its "
+                "analytic half, so the two would no longer add up to the KL gradient. Set normalize_advantages=False, "
+                "or use kl_estimator='k1'."
+            )
         self._rb_phase: str | None = None
         self._rb_pending: dict[str, torch.Tensor] | None = None
+        self._rb_scorable: torch.Tensor | None = None
         init = dict(
             model=model,
             reward_funcs=reward_funcs,
@@ -198,8 +209,9 @@ class RLOOTrainer(HiddenCaptureMixin, trl.RLOOTrainer):
             loaded = load_reference_model(
                 ref_model,
                 policy=self.model,
+                args=args,
                 processing_class=self.processing_class,
-                model_init_kwargs=args.model_init_kwargs,
+                quantization_config=quantization_config,
             )
             self.ref_model = prepare_reference_model(self, loaded)
         wanted = self.beta != 0.0 and (self.kl_estimator == "rb" or getattr(self.args, "rb_kl_metric", True))
@@ -212,12 +224,13 @@ class RLOOTrainer(HiddenCaptureMixin, trl.RLOOTrainer):
     def _generate_and_score_completions(self, inputs):
         if self.beta == 0.0:
             return super()._generate_and_score_completions(inputs)
-        self._rb_phase, self._rb_pending = "score", None
+        self._rb_phase, self._rb_pending, self._rb_scorable = "score", None, None
         try:
             with self._rb_recording() as calls:
                 output = super()._generate_and_score_completions(inputs)
         finally:
             self._rb_phase = None
+        scorable, self._rb_scorable = self._rb_scorable, None
         if len(calls) != 2 or self._rb_pending is None:
             raise RuntimeError(
                 f"Expected trl to score the policy and then the reference (2 calls), saw {len(calls)}; this trl version "
@@ -228,7 +241,18 @@ class RLOOTrainer(HiddenCaptureMixin, trl.RLOOTrainer):
         self._rb_pending = None
         if self.kl_estimator == "rb":
             output[REF_HIDDEN_KEY] = calls[1].hidden.detach()
+            # trl zeroes the advantage of completions no reward function scored, so their KL penalty (in the
+            # reward) never acts; the analytic half of the RB gradient skips them too, as the two halves must match.
+            n = output["completion_mask"].shape[0]
+            start = self.accelerator.process_index * n
+            output[SCORABLE_KEY] = scorable[start : start + n].to(output["completion_mask"].dtype)
         return output
+
+    def _calculate_rewards(self, *args, **kwargs):
+        rewards_per_func = super()._calculate_rewards(*args, **kwargs)  # [all processes' B, reward functions]
+        if self._rb_phase == "score":
+            self._rb_scorable = ~torch.isnan(rewards_per_func).all(dim=1)  # trl's test for an unscorable row
+        return rewards_per_func
 
     def _rb_transform_call(self, call: ScoredCall, logps: torch.Tensor) -> torch.Tensor:
         if self._rb_phase != "score":
@@ -296,8 +320,9 @@ class RLOOTrainer(HiddenCaptureMixin, trl.RLOOTrainer):
             raise RuntimeError(f"Expected one policy forward in trl's loss, saw {len(calls)}.")
         mask = inputs["completion_mask"]
         # trl's policy-gradient loss is per_sequence_loss.mean(): the same mean over this batch's sequences, so each
-        # real token's K_n has weight beta / B.
-        weights = mask.to(torch.float32) * (self.beta / mask.shape[0])
+        # real token's K_n has weight beta / B (0 in completions no reward function scored, see scoring).
+        scorable = inputs[SCORABLE_KEY].to(torch.float32).unsqueeze(1)
+        weights = mask.to(torch.float32) * scorable * (self.beta / mask.shape[0])
         kl_term = weighted_kl_sum_from_hidden(
             calls[0].hidden,
             head_params(model),

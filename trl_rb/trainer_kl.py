@@ -30,6 +30,7 @@ from .lm_head import (
     completion_hidden,
     gathered_heads,
     head_params,
+    positions_from_attention_mask,
     unwrap_causal_lm,
     vocab_size,
 )
@@ -108,6 +109,11 @@ class HiddenCaptureMixin:
         return logps
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
+        # Scored at the positions generation sampled at (trl 1.16 passes none: wrong for left-padded GPT-2 rows).
+        with positions_from_attention_mask(model):
+            return self._scored_call(model, input_ids, attention_mask, logits_to_keep, *args, **kwargs)
+
+    def _scored_call(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
         if self._rb_calls is None:
             return super()._get_per_token_logps_and_entropies(  # type: ignore[misc]
                 model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
@@ -264,15 +270,14 @@ def reference_head(trainer: Any) -> HeadParams:
     return head_params(trainer.model, base=True)
 
 
-def check_rb_config(args: Any, estimator: str, *, trainer: str) -> None:
+def check_rb_config(args: Any, estimator: str, *, trainer: str, off_policy: bool) -> None:
     """Refuse, at construction, the configurations the RB math does not cover (only when ``args.beta != 0``).
 
     - Sampling (``sampling_check.check_rb_sampling``, deny by default): ``rb`` needs tokens drawn from the full
       softmax(logits / temperature).
-    - Off-policy updates: ``rb``'s analytic term is E_p[sum_n K_n] differentiated at the sampling policy; batches
-      reused after an optimizer step (``num_iterations > 1``, or ``steps_per_generation`` above
-      ``gradient_accumulation_steps``) come from an older policy, and the importance-weighted RB terms they would
-      need are not implemented.
+    - Off-policy updates, unless the trainer importance-weights its RB terms (``off_policy=True``): batches reused
+      after an optimizer step (``num_iterations > 1``, or ``steps_per_generation`` above
+      ``gradient_accumulation_steps``) come from an older policy.
 
     Raises:
         ValueError: naming the setting and the fix.
@@ -280,7 +285,7 @@ def check_rb_config(args: Any, estimator: str, *, trainer: str) -> None:
     if args.beta == 0.0:
         return
     check_rb_sampling(args, estimator)
-    if estimator != "rb":
+    if estimator != "rb" or off_policy:
         return
     reuse = []
     if getattr(args, "num_iterations", 1) > 1:
@@ -296,6 +301,17 @@ def check_rb_config(args: Any, estimator: str, *, trainer: str) -> None:
         )
 
 
+def _check_fsdp_version(trainer: Any) -> None:
+    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
+    if getattr(trainer, "is_fsdp_enabled", False) and plugin is not None and getattr(plugin, "fsdp_version", 1) != 2:
+        # FSDP1 flattens parameters: outside a forward the head's weight is a view into this rank's flat shard.
+        raise ValueError(
+            "FSDP1 (fsdp_version=1) shards the LM head into flat parameters the exact KL cannot read outside the "
+            "model's forward. Use FSDP2 (fsdp_config={'fsdp_version': 2}) or DeepSpeed ZeRO-3, or kl_estimator='k1' "
+            "with rb_kl_metric=False."
+        )
+
+
 def rb_heads_available(trainer: Any, *, required: bool) -> bool:
     """Whether both LM heads can give the exact per-token KL (checked at construction, not at the first step).
 
@@ -303,6 +319,7 @@ def rb_heads_available(trainer: Any, *, required: bool) -> bool:
     ``k3`` run skips the ``kl/rb`` metric instead of failing.
     """
     try:
+        _check_fsdp_version(trainer)
         head_params(trainer.model)
         reference_head(trainer)
     except ValueError as err:
@@ -317,32 +334,36 @@ def load_reference_model(
     ref_model: str | nn.Module,
     *,
     policy: nn.Module,
+    args: Any,
     processing_class: Any = None,
-    model_init_kwargs: dict[str, Any] | None = None,
+    quantization_config: Any = None,
 ) -> nn.Module:
-    """A user-chosen reference model: loaded from a path (like trl loads its ref model) or taken as given.
+    """A user-chosen reference model: loaded from a path as trl loads its own reference, or taken as given.
 
+    From a path, the ``from_pretrained`` keyword arguments are built as trl 1.16 builds its reference's:
+    ``args.model_init_kwargs``, the trainer's ``quantization_config``, ``device_map=None`` under multi-GPU or
+    DeepSpeed runs (``"auto"`` fails there), ``trust_remote_code`` from ``args``, and the policy's dtype and attention
+    implementation unless given. Under ZeRO-3 the load is partitioned (transformers' zero.Init, as for trl's).
     The reference must share the policy's vocabulary: the same LM-head size, and, when ``ref_model`` is a path that
     holds a tokenizer, the same token -> id map as ``processing_class``.
 
     Args:
         ref_model: a path (or hub id) or a ``PreTrainedModel``.
-        policy: the policy model (possibly PEFT-wrapped); its dtype and attention implementation are the defaults.
+        policy: the policy model (possibly PEFT-wrapped).
+        args: the trainer's config.
         processing_class: the trainer's tokenizer (or processor).
-        model_init_kwargs: ``from_pretrained`` kwargs for a path (trl's ``args.model_init_kwargs``).
+        quantization_config: the trainer's ``quantization_config`` argument (applied to the reference too, as trl
+            does for its own).
 
     Raises:
-        ValueError: vocabularies differ; TypeError: ``ref_model`` is neither a string nor a module.
+        ValueError: vocabularies differ, or ``quantization_config`` is given twice; TypeError: ``ref_model`` is
+        neither a string nor a module.
     """
     from trl.trainer.utils import create_model_from_path
 
     if isinstance(ref_model, str):
-        kwargs = dict(model_init_kwargs or {})
-        base = unwrap_causal_lm(policy)
-        kwargs.setdefault("dtype", base.dtype)
-        kwargs.setdefault("attn_implementation", base.config._attn_implementation)
         path = ref_model
-        ref_model = create_model_from_path(path, **kwargs)
+        ref_model = create_model_from_path(path, **_reference_init_kwargs(args, policy, quantization_config))
         _check_tokenizer(path, processing_class)
     elif not isinstance(ref_model, nn.Module):
         raise TypeError(f"ref_model must be a path string or a model, got {type(ref_model).__name__}.")
@@ -353,6 +374,24 @@ def load_reference_model(
             "policy's tokenizer."
         )
     return ref_model
+
+
+def _reference_init_kwargs(args: Any, policy: nn.Module, quantization_config: Any) -> dict[str, Any]:
+    kwargs = dict(args.model_init_kwargs or {})
+    if quantization_config is not None:
+        if "quantization_config" in kwargs:
+            raise ValueError(
+                "quantization_config was given both as a trainer argument and in args.model_init_kwargs; set it in one "
+                "place."
+            )
+        kwargs["quantization_config"] = quantization_config
+    if args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED"):
+        kwargs["device_map"] = None  # "auto" fails in distributed runs
+    kwargs.setdefault("trust_remote_code", args.trust_remote_code)
+    base = unwrap_causal_lm(policy)
+    kwargs.setdefault("dtype", base.dtype)
+    kwargs.setdefault("attn_implementation", base.config._attn_implementation)
+    return kwargs
 
 
 def _check_tokenizer(path: str, processing_class: Any) -> None:
@@ -387,16 +426,31 @@ def trl_without_reference(args: Any) -> Iterator[None]:
         args.beta = beta
 
 
+def _cast_head_to_fp32(model: nn.Module) -> None:
+    """The LM head's parameters in float32, as trl's ``cast_lm_head_to_fp32`` leaves its own reference; a tied input
+    embedding (now float32 too) keeps returning the model's dtype."""
+    head = model.get_output_embeddings()
+    dtype = head.weight.dtype
+    head.float()
+    tied = model.get_input_embeddings()
+    if tied is not None and tied.weight is head.weight and dtype != torch.float32:
+        tied.register_forward_hook(lambda _module, _args, output: output.to(dtype))
+
+
 def prepare_reference_model(trainer: Any, ref_model: nn.Module) -> nn.Module:
-    """Make ``ref_model`` a reference like trl makes its own: dropout off (if ``args.disable_dropout``), trl's fused
-    LM head at the trainer's temperature, no gradients, and prepared by accelerate (DeepSpeed / FSDP / plain)."""
+    """Make ``ref_model`` a reference like trl makes its own: dropout off (if ``args.disable_dropout``), the LM head in
+    float32 (if ``args.cast_lm_head_to_fp32``), trl's fused LM head at the trainer's temperature, no gradients, and
+    prepared by accelerate (DeepSpeed / FSDP / plain)."""
     from trl.models import prepare_deepspeed, prepare_fsdp
     from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model
 
     if trainer.args.disable_dropout:
         disable_dropout_in_model(ref_model)
+    cast = getattr(trainer.args, "cast_lm_head_to_fp32", False)  # a GRPOConfig field; RLOOConfig has none
+    if cast:
+        _cast_head_to_fp32(ref_model)
     # Patching twice is harmless: the outermost fused forward calls the backbone directly, at this temperature.
-    add_fused_lm_head(ref_model, temperature=trainer.temperature)
+    add_fused_lm_head(ref_model, temperature=trainer.temperature, cast_lm_head_to_fp32=cast)
     ref_model.requires_grad_(False)
     ref_model.eval()
     if trainer.is_deepspeed_enabled:
