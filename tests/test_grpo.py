@@ -147,11 +147,6 @@ def test_config_parses_with_trl_parser(tmp_path):
 def test_trainer_refuses_unsupported_settings(tmp_path):
     with pytest.raises(ValueError, match="top_p=0.9"):
         make_trainer("rb", tmp_path, top_p=0.9)
-    with pytest.raises(ValueError, match="num_iterations=2 .use 1."):
-        make_trainer("rb", tmp_path, num_iterations=2)
-    with pytest.raises(ValueError, match="steps_per_generation=4 > gradient_accumulation_steps=2"):
-        make_trainer("rb", tmp_path, gradient_accumulation_steps=2, steps_per_generation=4)
-    make_trainer("k1", tmp_path, num_iterations=2)  # k1's score-function term is trl's own, importance-weighted
     from peft import LoraConfig
 
     lora_head = LoraConfig(r=2, target_modules=["c_attn", "lm_head"])
@@ -283,7 +278,7 @@ def test_peft_reference_is_the_base_model(tmp_path):
     assert logs[-1]["kl/rb"] > 1e-4
 
 
-@pytest.mark.parametrize("estimator", ["k1", "k3"])  # rb refuses off-policy updates (test below)
+@pytest.mark.parametrize("estimator", ["k1", "k3", "rb"])
 def test_multi_iteration_and_accumulation_run(tmp_path, estimator):
     """num_iterations=2 (trl scores the old policy too) with gradient accumulation: the scoring order is still found,
     and beta=0 trains like trl without a reference or KL metrics."""

@@ -99,6 +99,17 @@ def test_rloo_rb_refuses_normalized_advantages(lm_paths, tmp_path):  # noqa: F81
                 train_dataset=prompts_dataset())  # fmt: skip
 
 
+def test_rloo_rb_refuses_off_policy_updates(lm_paths, tmp_path):  # noqa: F811
+    with pytest.raises(ValueError, match=r"num_iterations=2 \(use 1\)"):
+        RLOOTrainer(lm_paths["policy"], low_words_reward, args=make_config(tmp_path, "rb", num_iterations=2),
+                    train_dataset=prompts_dataset())  # fmt: skip
+    args = make_config(tmp_path, "rb", gradient_accumulation_steps=2, steps_per_generation=4)
+    with pytest.raises(ValueError, match="steps_per_generation=4 > gradient_accumulation_steps=2"):
+        RLOOTrainer(lm_paths["policy"], low_words_reward, args=args, train_dataset=prompts_dataset())
+    RLOOTrainer(lm_paths["policy"], low_words_reward, args=make_config(tmp_path, "k1", num_iterations=2),
+                train_dataset=prompts_dataset())  # fmt: skip
+
+
 def test_rloo_rb_skips_unscorable_completions_like_trl(lm_paths, tmp_path):  # noqa: F811
     """trl zeroes the advantage of a completion no reward function scored, so its KL penalty never acts; the analytic
     half of the RB gradient must skip it too: its weight is 0, and its hidden states get no gradient."""
