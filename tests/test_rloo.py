@@ -273,8 +273,7 @@ def test_training_increases_reward(lm_paths, tmp_path, estimator):
 @pytest.mark.slow
 def test_peft_two_iterations_and_resume(lm_paths, tmp_path):
     lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], task_type="CAUSAL_LM")
-    # k1: rb refuses off-policy updates (num_iterations > 1); the kl/rb metric is logged in every mode
-    args = make_config(tmp_path, "k1", max_steps=4, num_iterations=2, save_strategy="steps", save_steps=2,
+    args = make_config(tmp_path, "rb", max_steps=4, num_iterations=2, save_strategy="steps", save_steps=2,
                        per_device_train_batch_size=8, learning_rate=3e-2)
     trainer = RLOOTrainer(lm_paths["policy"], low_words_reward, args=args, train_dataset=prompts_dataset(),
                           peft_config=lora)
@@ -290,7 +289,7 @@ def test_peft_two_iterations_and_resume(lm_paths, tmp_path):
 
     checkpoint = os.path.join(args.output_dir, "checkpoint-2")
     assert os.path.isdir(checkpoint)
-    resumed_args = make_config(tmp_path, "k1", max_steps=4, num_iterations=2, save_strategy="no",
+    resumed_args = make_config(tmp_path, "rb", max_steps=4, num_iterations=2, save_strategy="no",
                                per_device_train_batch_size=8, learning_rate=3e-2)
     resumed = RLOOTrainer(lm_paths["policy"], low_words_reward, args=resumed_args, train_dataset=prompts_dataset(),
                           peft_config=lora)

@@ -14,7 +14,7 @@ import torch
 from datasets import Dataset
 from enumerable import tiny_gpt2
 from peft import LoraConfig
-from test_grpo import MODEL_KW, PROMPT, VOCAB, length_reward, make_trainer, materialized, score_batch
+from test_grpo import MODEL_KW, PROMPT, VOCAB, length_reward, make_trainer, score_batch
 from test_rloo import lm_paths, low_words_reward, make_config, prompts_dataset  # noqa: F401  (fixture)
 
 from trl_rb.kl import linear_token_kl, linear_weighted_kl_sum, token_kl
@@ -23,9 +23,14 @@ from trl_rb.trainer_kl import ScoredCall, masked_sequence_sum
 
 
 def exact_sequence_kl(trainer, inputs, reference) -> torch.Tensor:
-    """sum_t KL(p_t || q_t) [B] from full logits (the tests' independent path)."""
+    """sum_t KL(p_t || q_t) [B] from full logits at generation's position ids (the tests' independent path)."""
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+    att = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+    pos = (att.cumsum(-1) - 1).clamp(min=0)
+    c = inputs["completion_ids"].shape[1]
     with torch.no_grad():
-        lp, lq = materialized(trainer, reference, inputs)
+        lp, lq = (m(input_ids=ids, attention_mask=att, position_ids=pos).logits[:, -c - 1 : -1]
+                  for m in (trainer.model, reference))  # fmt: skip
     k = token_kl(lp, lq, temperature=trainer.temperature)
     return masked_sequence_sum(k, inputs["completion_mask"])
 
@@ -96,17 +101,6 @@ def test_rloo_rb_refuses_normalized_advantages(lm_paths, tmp_path):  # noqa: F81
         RLOOTrainer(lm_paths["policy"], low_words_reward, args=make_config(tmp_path, "rb", normalize_advantages=True),
                     train_dataset=prompts_dataset())  # fmt: skip
     RLOOTrainer(lm_paths["policy"], low_words_reward, args=make_config(tmp_path, "k1", normalize_advantages=True),
-                train_dataset=prompts_dataset())  # fmt: skip
-
-
-def test_rloo_rb_refuses_off_policy_updates(lm_paths, tmp_path):  # noqa: F811
-    with pytest.raises(ValueError, match=r"num_iterations=2 \(use 1\)"):
-        RLOOTrainer(lm_paths["policy"], low_words_reward, args=make_config(tmp_path, "rb", num_iterations=2),
-                    train_dataset=prompts_dataset())  # fmt: skip
-    args = make_config(tmp_path, "rb", gradient_accumulation_steps=2, steps_per_generation=4)
-    with pytest.raises(ValueError, match="steps_per_generation=4 > gradient_accumulation_steps=2"):
-        RLOOTrainer(lm_paths["policy"], low_words_reward, args=args, train_dataset=prompts_dataset())
-    RLOOTrainer(lm_paths["policy"], low_words_reward, args=make_config(tmp_path, "k1", num_iterations=2),
                 train_dataset=prompts_dataset())  # fmt: skip
 
 
@@ -290,3 +284,30 @@ def test_ref_model_path_honours_init_kwargs_and_fp32_head(tmp_path):
     batch = trainer._generate_and_score_completions([{"prompt": "w5 w6"}] * 4)
     loss = trainer.compute_loss(trainer.model, batch)
     assert torch.isfinite(loss) and trainer._metrics["train"]["kl/rb"][-1] > 0.0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# sync_ref_model: the reference's hidden states and head both come from the synced reference
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_sync_ref_model_reads_the_synced_reference(lm_paths, tmp_path):  # noqa: F811
+    from trl_rb.grpo import GRPOConfig, GRPOTrainer
+
+    args = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=8, num_generations=4, beta=0.1,
+                      max_completion_length=6, report_to=[], use_cpu=True, bf16=False, max_steps=2, logging_steps=1,
+                      learning_rate=0.05, save_strategy="no", sync_ref_model=True, ref_model_sync_steps=1,
+                      ref_model_mixup_alpha=0.5, disable_dropout=True)  # fmt: skip
+    trainer = GRPOTrainer(lm_paths["policy"], low_words_reward, args=args, train_dataset=prompts_dataset())
+    ref = trainer.accelerator.unwrap_model(trainer.ref_model)
+    before = ref.lm_head.weight.detach().clone()
+    trainer.train()
+    assert not torch.allclose(ref.lm_head.weight, before)  # trl synced the reference (its head too)
+    trainer.model.train()
+    torch.manual_seed(3)
+    trainer.current_gradient_accumulation_steps = 1
+    inputs = trainer._generate_and_score_completions([{"prompt": "w5 w6"}] * 4 + [{"prompt": "w7"}] * 4)
+    trainer.compute_loss(trainer.model, inputs)
+    exact = exact_sequence_kl(trainer, inputs, ref).mean().item()
+    assert exact > 1e-4
+    assert trainer._metrics["train"]["kl/rb"][-1] == pytest.approx(exact, rel=1e-5)

@@ -54,7 +54,7 @@ from .trainer_kl import (
     REF_HIDDEN_KEY,
     HiddenCaptureMixin,
     ScoredCall,
-    check_rb_config,
+    check_rb_sampling,
     load_reference_model,
     log_sequence_metrics,
     masked_sequence_sum,
@@ -103,8 +103,10 @@ class GRPOConfig(trl.GRPOConfig):
               batch, and the count's dependence on the policy is not differentiated); `grpo` and `sapo` divide each
               sequence by its own length, which weights sequences by 1 / length and estimates no multiple of grad KL
               (use `dr_grpo` when the KL gradient matters). Off-policy updates (`num_iterations > 1`,
-              `steps_per_generation > gradient_accumulation_steps`) are refused: their batches come from an older
-              policy and the importance-weighted RB terms are not implemented. With vLLM generation the tokens come
+              `steps_per_generation > gradient_accumulation_steps`) train on batches sampled by an older policy:
+              each prefix is then weighted by W_{<t} = p(y_<t) / p_old(y_<t) (from trl's old log-probs, unclipped),
+              beta * [sg(W_{<t}) K_t + (l_t - sg l_t) * sg(sum_{m>t} W_{<m} K_m)], which keeps the gradient
+              unbiased; trl's clipping of its own policy-gradient term is unchanged. With vLLM generation the tokens come
               from vLLM's copy of the same weights; the K_t term is not importance-weighted for the numerical
               mismatch between the two (trl's `vllm_importance_sampling_correction` reweights the policy-gradient
               term only).
@@ -228,7 +230,8 @@ class GRPOTrainer(HiddenCaptureMixin, trl.GRPOTrainer):
     def __init__(self, model, reward_funcs=None, args=None, *pos_args, ref_model=None, **kwargs):
         estimator = canonical_estimator(getattr(args, "kl_estimator", "rb"), allowed=GRPO_KL_ESTIMATORS)
         if args is not None:
-            check_rb_config(args, estimator, trainer="GRPO", off_policy=True)
+            if args.beta != 0.0:
+                check_rb_sampling(args, estimator)
             if estimator != "k3" and getattr(args, "use_bias_correction_kl", False):
                 if isinstance(args, GRPOConfig):
                     raise ValueError(

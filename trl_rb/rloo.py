@@ -32,13 +32,13 @@ import torch
 import trl
 from accelerate.utils import is_peft_model
 
-from .kl import canonical_estimator
+from .kl import canonical_estimator, future_sum, prefix_importance_weights
 from .lm_head import head_params
 from .trainer_kl import (
     REF_HIDDEN_KEY,
     HiddenCaptureMixin,
     ScoredCall,
-    check_rb_config,
+    check_rb_sampling,
     k3_per_token,
     load_reference_model,
     log_sequence_metrics,
@@ -53,8 +53,11 @@ from .trainer_kl import (
 
 __all__ = ["RLOOConfig", "RLOOTrainer"]
 
-# Key of the [B] indicator (1 = some reward function scored the completion) in the batch dict of an rb run.
+# Keys in the batch dict of an rb run: the [B] indicator (1 = some reward function scored the completion) and, when
+# batches are reused after optimizer steps, the sampling policy's per-token log-probs and exact KL [B, C].
 SCORABLE_KEY = "rb_scorable"
+OLD_TOKEN_LOGPS_KEY = "rb_old_per_token_logps"
+OLD_TOKEN_KL_KEY = "rb_old_token_kl"
 
 _ESTIMATORS = ("k1", "k3", "rb")
 
@@ -77,8 +80,13 @@ class RLOOConfig(trl.RLOOConfig):
             gets `beta` times the mean per-sequence RB KL with gradient through the policy, which makes the total
             gradient the unbiased RB gradient of E[reward] - beta * KL.
             Case-insensitive. `"rb"` needs untruncated sampling at `temperature` (any generation setting that
-            changes the next-token distribution is refused, see `trl_rb.sampling_check`) and on-policy batches
-            (`num_iterations=1`, `steps_per_generation <= gradient_accumulation_steps`).
+            changes the next-token distribution is refused, see `trl_rb.sampling_check`). Batches reused after an
+            optimizer step (`num_iterations > 1`, `steps_per_generation > gradient_accumulation_steps`) get
+            importance-weighted RB terms: with W_{<n} = p(y_<n) / p_old(y_<n), the analytic term becomes
+            beta * sum_n sg(W_{<n}) K_n and a score-function correction sum_n (l_n - sg l_n) *
+            sg(sum_{m>n} W_{<m} (K_m - K_m^old)) replaces the sampling policy's K in trl's ratio-weighted penalty by
+            the current one: unbiased at unclipped ratios (trl's clipping of the sequence ratio, `epsilon`, biases the
+            penalty's half as it biases the reward's).
         rb_kl_metric (`bool`, *optional*, defaults to `True`):
             Whether `k1` and `k3` runs also log `kl/rb` (the exact per-token KL summed per sequence). It costs two
             LM-head products per generation batch; `rb` runs always log it. Where the heads cannot give it (no linear
@@ -175,7 +183,8 @@ class RLOOTrainer(HiddenCaptureMixin, trl.RLOOTrainer):
                 "ref_model and sync_ref_model=True contradict each other: syncing would overwrite the chosen reference "
                 "with the policy. Use one of them."
             )
-        check_rb_config(args, self.kl_estimator, trainer="RLOO", off_policy=False)
+        if args.beta != 0.0:
+            check_rb_sampling(args, self.kl_estimator)
         if self.kl_estimator == "rb" and args.beta != 0.0 and args.normalize_advantages:
             raise ValueError(
                 "kl_estimator='rb' with normalize_advantages=True would divide the score-function half of the RB "
@@ -186,6 +195,11 @@ class RLOOTrainer(HiddenCaptureMixin, trl.RLOOTrainer):
         self._rb_phase: str | None = None
         self._rb_pending: dict[str, torch.Tensor] | None = None
         self._rb_scorable: torch.Tensor | None = None
+        self._rb_token_kl: torch.Tensor | None = None
+        # batches trained on after an optimizer step, i.e. sampled by an earlier policy
+        self._reuses_batches = args.num_iterations > 1 or (
+            (args.steps_per_generation or args.gradient_accumulation_steps) > args.gradient_accumulation_steps
+        )
         init = dict(
             model=model,
             reward_funcs=reward_funcs,
@@ -241,6 +255,9 @@ class RLOOTrainer(HiddenCaptureMixin, trl.RLOOTrainer):
         self._rb_pending = None
         if self.kl_estimator == "rb":
             output[REF_HIDDEN_KEY] = calls[1].hidden.detach()
+            if self._reuses_batches:  # what the sampling policy scored, for the importance-weighted RB terms
+                output[OLD_TOKEN_LOGPS_KEY] = calls[0].logps.detach()
+                output[OLD_TOKEN_KL_KEY] = self._rb_token_kl
             # trl zeroes the advantage of completions no reward function scored, so their KL penalty (in the
             # reward) never acts; the analytic half of the RB gradient skips them too, as the two halves must match.
             n = output["completion_mask"].shape[0]
@@ -275,6 +292,7 @@ class RLOOTrainer(HiddenCaptureMixin, trl.RLOOTrainer):
                     mask=mask,
                 )
             self._rb_pending["kl/rb"] = masked_sequence_sum(k, mask)
+            self._rb_token_kl = k
         if self.kl_estimator == "rb":
             per_token = k.to(logps.dtype)
         elif self.kl_estimator == "k3":
@@ -323,12 +341,25 @@ class RLOOTrainer(HiddenCaptureMixin, trl.RLOOTrainer):
         # real token's K_n has weight beta / B (0 in completions no reward function scored, see scoring).
         scorable = inputs[SCORABLE_KEY].to(torch.float32).unsqueeze(1)
         weights = mask.to(torch.float32) * scorable * (self.beta / mask.shape[0])
-        kl_term = weighted_kl_sum_from_hidden(
+        logps = calls[0].logps  # l_n with gradient, from trl's own loss forward
+        old = inputs.get(OLD_TOKEN_LOGPS_KEY)
+        # A batch sampled by an earlier policy (num_iterations > 1, steps_per_generation > accumulation): the prefixes
+        # are re-weighted by W_{<n} = p(y_<n) / p_old(y_<n); on-policy W = 1.
+        prefix = None if old is None else prefix_importance_weights(logps.detach() - old, mask)
+        kl_term, kl_now = weighted_kl_sum_from_hidden(
             calls[0].hidden,
             head_params(model),
             inputs[REF_HIDDEN_KEY],
             reference_head(self),
-            weights,
+            weights if prefix is None else weights * prefix,
             temperature=self.temperature,
+            return_token_kl=True,
         )
-        return loss + kl_term.to(loss.dtype)
+        loss = loss + kl_term.to(loss.dtype)
+        if prefix is None:
+            return loss
+        # trl's ratio-weighted penalty differentiates the sampling policy's K_n (scored then); the score-function half
+        # needs the current one: add sum_n (l_n - sg l_n) * sg(sum_{m>n} W_{<m} (K_m - K_m^old)), 0 at ratio 1.
+        stale = future_sum(prefix * (kl_now - inputs[OLD_TOKEN_KL_KEY]))
+        correction = (weights * (logps - logps.detach()) * stale).sum()
+        return loss + correction.to(loss.dtype)

@@ -40,7 +40,7 @@ __all__ = [
     "REF_HIDDEN_KEY",
     "HiddenCaptureMixin",
     "ScoredCall",
-    "check_rb_config",
+    "check_rb_sampling",
     "k3_per_token",
     "load_reference_model",
     "log_sequence_metrics",
@@ -268,37 +268,6 @@ def reference_head(trainer: Any) -> HeadParams:
     if ref_model is not None:
         return head_params(ref_model)
     return head_params(trainer.model, base=True)
-
-
-def check_rb_config(args: Any, estimator: str, *, trainer: str, off_policy: bool) -> None:
-    """Refuse, at construction, the configurations the RB math does not cover (only when ``args.beta != 0``).
-
-    - Sampling (``sampling_check.check_rb_sampling``, deny by default): ``rb`` needs tokens drawn from the full
-      softmax(logits / temperature).
-    - Off-policy updates, unless the trainer importance-weights its RB terms (``off_policy=True``): batches reused
-      after an optimizer step (``num_iterations > 1``, or ``steps_per_generation`` above
-      ``gradient_accumulation_steps``) come from an older policy.
-
-    Raises:
-        ValueError: naming the setting and the fix.
-    """
-    if args.beta == 0.0:
-        return
-    check_rb_sampling(args, estimator)
-    if estimator != "rb" or off_policy:
-        return
-    reuse = []
-    if getattr(args, "num_iterations", 1) > 1:
-        reuse.append(f"num_iterations={args.num_iterations} (use 1)")
-    steps, accumulation = getattr(args, "steps_per_generation", None), args.gradient_accumulation_steps
-    if steps is not None and steps > accumulation:
-        reuse.append(f"steps_per_generation={steps} > gradient_accumulation_steps={accumulation} (make them equal)")
-    if reuse:
-        raise ValueError(
-            f"kl_estimator='rb' in {trainer} differentiates the exact KL at the policy that sampled the batch, but "
-            f"{', '.join(reuse)} trains on batches sampled by an earlier policy (off-policy updates, which trl_rb's RB "
-            "terms do not importance-weight yet). Change those settings, or use kl_estimator='k1'."
-        )
 
 
 def _check_fsdp_version(trainer: Any) -> None:
