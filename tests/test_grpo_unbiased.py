@@ -126,39 +126,39 @@ def test_trl_k3_gradient_is_biased(tmp_path, bias_correction):
     assert study["max_abs_z"] > 20, study
 
 
-def off_policy_study(tmp_path, *, weighted: bool, nb: int = NB, shift: float = 0.15) -> dict[str, float]:
-    """A second iteration (``num_iterations=2``): batches sampled by p_old, the loss at a moved policy p.
+def stale_batch_grads(trainer, drop_keys: tuple[str, ...], nb: int, shift: float = 0.15):
+    """A second iteration: batches sampled by p_old, the loss gradient at a moved policy p. Shared with the RLOO test.
 
-    Every batch is scored (and its old log-probs recorded by trl) at the sampling parameters theta_old; the
-    parameters are then moved to theta = theta_old + shift * noise (fixed) and the loss gradient taken there. The mean
-    must be c * grad KL(p_theta || q): the importance-weighted RB terms make it so; ``weighted=False`` drops trl's
-    old log-probs from the batch, i.e. treats the stale batch as on-policy.
+    Every batch is scored at the sampling parameters theta_old (trl records the sampler's log-probs when batches are
+    reused); the parameters are then moved to theta = theta_old + shift * noise (fixed) and the loss gradient taken
+    there. ``drop_keys`` are removed from each batch first (dropping the sampler's scores treats the stale batch as
+    on-policy). Returns the per-batch gradients [nb, D] and the exact grad KL(p_theta || q) [D].
     """
-    trainer, policy, reference = make_trainer(
-        "rb", tmp_path, batch=BATCH, group=GROUP, max_len=MAX_LEN, beta=BETA, num_iterations=2
-    )
     named = [(n, p) for n, p in trainer.model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     theta_old = torch.nn.utils.parameters_to_vector(params).detach().clone()
     noise = torch.randn(theta_old.shape, generator=torch.Generator().manual_seed(7), dtype=theta_old.dtype)
     theta = theta_old + shift * noise
     torch.nn.utils.vector_to_parameters(theta, params)
-    _, exact = exact_kl_and_grad(
-        policy, reference, [0], max_new_tokens=MAX_LEN, eos_token_id=VOCAB - 1, params=dict(named)
-    )
-    exact = torch.cat([exact[n].flatten() for n, _ in named])
+    reference = trainer.ref_model
+    exact = exact_mean_grad(trainer.model, reference, named, {PROMPT: [0]}, trainer.temperature)
     grads = []
     for b in range(nb):
         torch.nn.utils.vector_to_parameters(theta_old, params)
         inputs = score_batch(trainer, BATCH, seed=SEED0 + b)
-        assert inputs["old_per_token_logps"] is not None  # trl scores the sampler when iterations > 1
-        if not weighted:
-            inputs = {k: v for k, v in inputs.items() if k != "old_per_token_logps"}
+        inputs = {k: v for k, v in inputs.items() if k not in drop_keys}
         torch.nn.utils.vector_to_parameters(theta, params)
-        loss = trainer.compute_loss(trainer.model, inputs)
-        parts = torch.autograd.grad(loss, params, allow_unused=True)
+        parts = torch.autograd.grad(trainer.compute_loss(trainer.model, inputs), params, allow_unused=True)
         grads.append(torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for g, p in zip(parts, params, strict=True)]))
-    return z_statistics(torch.stack(grads), exact)
+    return torch.stack(grads), exact
+
+
+def off_policy_study(tmp_path, *, weighted: bool, nb: int = NB) -> dict[str, float]:
+    """GRPO ``rb`` at ``num_iterations=2``: the mean must be c * grad KL(p_theta || q); ``weighted=False`` drops
+    trl's old log-probs from the batch."""
+    trainer, _, _ = make_trainer("rb", tmp_path, batch=BATCH, group=GROUP, max_len=MAX_LEN, beta=BETA, num_iterations=2)
+    drop = () if weighted else ("old_per_token_logps",)
+    return z_statistics(*stale_batch_grads(trainer, drop, nb))
 
 
 @pytest.mark.slow

@@ -31,7 +31,7 @@ import trl
 from datasets import Dataset
 from enumerable import tiny_gpt2_pair
 from test_grpo import MODEL_KW, PROMPT, VOCAB, score_batch, tiny_tokenizer, zero_reward
-from test_grpo_unbiased import MIXED_PROMPTS, exact_mean_grad, mixed_batch
+from test_grpo_unbiased import MIXED_PROMPTS, exact_mean_grad, mixed_batch, stale_batch_grads
 
 from trl_rb.exact import exact_kl_and_grad
 from trl_rb.rloo import RLOOConfig, RLOOTrainer
@@ -176,40 +176,18 @@ def test_unbiased_at_temperature_with_prompts_of_two_lengths(tmp_path, estimator
     assert abs(study["c"] - BETA) < Z_MAX * study["c_se"], study
 
 
-def off_policy_grads(trainer, *, weighted: bool, nb: int, shift: float = 0.15) -> tuple[torch.Tensor, torch.Tensor]:
-    """A second iteration: each batch scored at theta_old, the loss gradient taken at theta = theta_old + shift * noise
-    (fixed). ``weighted=False`` drops the sampling policy's per-token scores from the batch (treats it as on-policy).
-    Returns the per-batch gradients [nb, D] and the exact grad KL(p_theta || q) [D]."""
-    from trl_rb.rloo import OLD_TOKEN_KL_KEY, OLD_TOKEN_LOGPS_KEY
-
-    named = [(n, p) for n, p in trainer.model.named_parameters() if p.requires_grad]
-    params = [p for _, p in named]
-    theta_old = torch.nn.utils.parameters_to_vector(params).detach().clone()
-    noise = torch.randn(theta_old.shape, generator=torch.Generator().manual_seed(7), dtype=theta_old.dtype)
-    theta = theta_old + shift * noise
-    torch.nn.utils.vector_to_parameters(theta, params)
-    exact = exact_mean_grad(trainer.model, trainer.ref_model, named, {PROMPT: [0]}, 1.0)
-    grads = []
-    for b in range(nb):
-        torch.nn.utils.vector_to_parameters(theta_old, params)
-        inputs = score_batch(trainer, BATCH, seed=SEED0 + b)
-        if not weighted:
-            inputs = {k: v for k, v in inputs.items() if k not in (OLD_TOKEN_LOGPS_KEY, OLD_TOKEN_KL_KEY)}
-        torch.nn.utils.vector_to_parameters(theta, params)
-        grads.append(flat_grad(trainer.compute_loss(trainer.model, inputs), params))
-    return torch.stack(grads), exact
-
-
 def test_rb_second_iteration_is_unbiased_with_importance_weights(tmp_path):
     """num_iterations=2 at unclipped ratios (epsilon 100): trl's ratio-weighted penalty plus the importance-weighted
     RB terms give beta * grad KL at the current policy; treating the stale batch as on-policy does not."""
+    from trl_rb.rloo import OLD_TOKEN_KL_KEY, OLD_TOKEN_LOGPS_KEY
+
     trainer = make_trainer("rb", tmp_path, num_iterations=2, epsilon=100.0)
-    grads, exact = off_policy_grads(trainer, weighted=True, nb=2 * NB)
+    grads, exact = stale_batch_grads(trainer, (), nb=2 * NB)
     study = compare(grads, exact, BETA)
     print("off-policy rb, weighted", study)
     assert study["max_abs_z"] < Z_MAX, study
     assert abs(study["c"] - BETA) < Z_MAX * study["c_se"], study
-    grads, exact = off_policy_grads(trainer, weighted=False, nb=NB // 2)
+    grads, exact = stale_batch_grads(trainer, (OLD_TOKEN_LOGPS_KEY, OLD_TOKEN_KL_KEY), nb=NB // 2)
     stale = compare(grads, exact, BETA)
     print("off-policy rb, unweighted", stale)
     assert stale["frac_over_4se"] > 0.05 or abs(stale["c"] - BETA) > 10 * stale["c_se"], stale

@@ -386,25 +386,9 @@ def _kl_pass(
     head_q.bias), those whose ``need`` flag is set (others None). Hidden-state gradients have the hidden states' dtype;
     weight and bias gradients are accumulated in ``dtype`` (float32 or float64) whatever the parameters' dtype.
 
-    hp [N, H_p], hq [N, H_q]: row n of each is position n. Rows with weight 0 get exactly zero gradient.
-
-    Autocast is off inside (trl trains in bf16 autocast by default): the products run in ``dtype``, not bf16.
+    hp [N, H_p], hq [N, H_q]: row n of each is position n. Rows with weight 0 get exactly zero gradient. Call it with
+    autocast off (the public functions do): under trl's default bf16 autocast the products would run in bf16.
     """
-    with torch.autocast(hp.device.type, enabled=False):
-        return _kl_pass_float(hp, head_p, hq, head_q, temperature, chunk, dtype, weights, need)
-
-
-def _kl_pass_float(
-    hp: torch.Tensor,
-    head_p: _Head,
-    hq: torch.Tensor,
-    head_q: _Head,
-    temperature: float,
-    chunk: int,
-    dtype: torch.dtype,
-    weights: torch.Tensor | None,
-    need: tuple[bool, ...],
-) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
     n_rows, vocab = hp.shape[0], head_p.weight.shape[0]
     rows = min(chunk, max(n_rows, 1))
     grad_p = weights is not None and any(need[:3])
@@ -499,7 +483,8 @@ class _LinearTokenKL(torch.autograd.Function):
         temperature, chunk, scale_p, scale_q, cap_p, cap_q, dtype = ctx.args
         head_p, head_q = _Head(wp, bp, scale_p, cap_p), _Head(wq, bq, scale_q, cap_q)
         need = tuple(ctx.needs_input_grad[:6])
-        _, grads = _kl_pass(hp, head_p, hq, head_q, temperature, chunk, dtype, weights=grad_out, need=need)
+        with torch.autocast(hp.device.type, enabled=False):  # a backward called inside an autocast region
+            _, grads = _kl_pass(hp, head_p, hq, head_q, temperature, chunk, dtype, weights=grad_out, need=need)
         return (*_cast_grads(grads, (hp, wp, bp, hq, wq, bq)), None, None, None, None, None, None, None)
 
 
