@@ -293,3 +293,26 @@ def test_multi_iteration_and_accumulation_run(tmp_path, estimator):
     plain.train()
     assert plain.ref_model is None
     assert not any(k.startswith("kl") for h in plain.state.log_history for k in h)
+
+
+def test_rb_prefix_weights_use_vllm_logprobs_when_trl_corrects_for_vllm(tmp_path):
+    """With vLLM and trl's importance-sampling correction, the sampler is vLLM: its log-probs
+    (``sampling_per_token_logps``) replace the trainer's old ones in the RB prefix weights (plumbing check on one
+    batch; the weighting itself is tested against exact enumeration in test_grpo_unbiased.py)."""
+    trainer, _, _ = make_trainer("rb", tmp_path, batch=16, group=4, num_iterations=2)
+    params = [p for p in trainer.model.parameters() if p.requires_grad]
+    inputs = score_batch(trainer, 16, seed=5)
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1), dtype=p.dtype))
+    stale = torch.autograd.grad(trainer.compute_loss(trainer.model, inputs), params)
+    as_vllm = {k: v for k, v in inputs.items() if k != "old_per_token_logps"}
+    as_vllm["sampling_per_token_logps"] = inputs["old_per_token_logps"]
+    as_vllm["importance_sampling_ratio"] = torch.ones_like(inputs["old_per_token_logps"])  # trl's, read by its loss
+    trainer.use_vllm, trainer.vllm_importance_sampling_correction = True, True
+    vllm = torch.autograd.grad(trainer.compute_loss(trainer.model, as_vllm), params)
+    trainer.use_vllm = False
+    on_policy = torch.autograd.grad(trainer.compute_loss(trainer.model, as_vllm), params)  # no sampler scores used
+    for a, b in zip(stale, vllm, strict=True):
+        torch.testing.assert_close(a, b)
+    assert max(float((a - b).abs().max()) for a, b in zip(stale, on_policy, strict=True)) > 1e-6

@@ -10,7 +10,8 @@ is missing. ``kl_estimator`` chooses:
 
 - ``k3``: trl's behaviour, unchanged.
 - ``k1``: the detached per-sequence k1 = sum_t r_t enters the advantages, an unbiased score-function gradient.
-- ``rb`` (the default, as in trl_rb's RLOO): each completion token t adds beta * [K_t + (l_t - sg l_t) * sg(sum_{m>t} K_m)] to the per-token loss
+- ``rb`` (the default, as in trl_rb's RLOO): each completion token t adds
+  beta * [K_t + (l_t - sg l_t) * sg(sum_{m>t} K_m)] to the per-token loss
   (ESTIMATORS.md, surrogate S_rb), with K_t the exact KL of the two next-token distributions, aggregated by the
   configured ``loss_type``: the unbiased Rao-Blackwellized gradient, scaled by the constant the aggregation implies.
 
@@ -106,10 +107,10 @@ class GRPOConfig(trl.GRPOConfig):
               `steps_per_generation > gradient_accumulation_steps`) train on batches sampled by an older policy:
               each prefix is then weighted by W_{<t} = p(y_<t) / p_old(y_<t) (from trl's old log-probs, unclipped),
               beta * [sg(W_{<t}) K_t + (l_t - sg l_t) * sg(sum_{m>t} W_{<m} K_m)], which keeps the gradient
-              unbiased; trl's clipping of its own policy-gradient term is unchanged. With vLLM generation the tokens come
-              from vLLM's copy of the same weights; the K_t term is not importance-weighted for the numerical
-              mismatch between the two (trl's `vllm_importance_sampling_correction` reweights the policy-gradient
-              term only).
+              unbiased; trl's clipping of its own policy-gradient term is unchanged. With vLLM generation and
+              `vllm_importance_sampling_correction=True` (trl's default) the sampler is vLLM itself: W_{<t} then uses
+              vLLM's log-probs, which corrects for the vLLM-trainer mismatch too (not truncated, unlike trl's own
+              correction); with the correction off the mismatch is ignored, as trl ignores it.
         rb_kl_metric (`bool`, *optional*, defaults to `True`):
             Whether `k1` and `k3` runs also log `kl/rb` (the exact per-token KL summed per sequence). It costs two
             LM-head products per loss batch; `rb` runs always log it (they compute it anyway). Where the heads cannot
@@ -250,6 +251,7 @@ class GRPOTrainer(HiddenCaptureMixin, trl.GRPOTrainer):
                 raise ValueError("ref_model= is a KL reference: it needs args with beta > 0.")
             if args.sync_ref_model:
                 raise ValueError("sync_ref_model=True with an explicit ref_model= is not supported; drop one of them.")
+            quantization = _trl_init_argument("quantization_config", model, reward_funcs, args, *pos_args, **kwargs)
             # trl builds no reference of its own (nor a PEFT "ref" adapter); ours is installed right after.
             with trl_without_reference(args):
                 super().__init__(model, reward_funcs, args, *pos_args, **kwargs)
@@ -261,8 +263,7 @@ class GRPOTrainer(HiddenCaptureMixin, trl.GRPOTrainer):
                     policy=self.model,
                     args=args,
                     processing_class=self.processing_class,
-                    quantization_config=_trl_init_argument("quantization_config", model, reward_funcs, args, *pos_args,
-                                                           **kwargs),
+                    quantization_config=quantization,
                 ),
             )
         else:
@@ -350,10 +351,10 @@ class GRPOTrainer(HiddenCaptureMixin, trl.GRPOTrainer):
             # The K_t part of the surrogate is linear in K with weights known now (beta times the loss_type
             # normalization), so one pass gives its value, its gradient and the K_t values the future sums need.
             logps = policy.logps  # l_t with its gradient, from trl's own loss forward
-            # A batch sampled by an earlier policy (num_iterations > 1, misaligned steps): its prefixes are
-            # re-weighted by W_{<t} = p(y_<t) / p_old(y_<t), which keeps both halves of the gradient unbiased.
-            old = inputs.get("old_per_token_logps")
-            prefix = None if old is None else prefix_importance_weights(logps.detach() - old, mask)
+            # A batch sampled by another policy (an earlier one, or vLLM's copy): its prefixes are re-weighted by
+            # W_{<t} = p(y_<t) / p_sampler(y_<t), which keeps both halves of the gradient unbiased.
+            sampler = self._sampler_logps(inputs)
+            prefix = None if sampler is None else prefix_importance_weights(logps.detach() - sampler, mask)
             weights = beta * self._reduce_weights(mask, inputs, mode)
             if prefix is not None:
                 weights = weights * prefix
@@ -369,6 +370,17 @@ class GRPOTrainer(HiddenCaptureMixin, trl.GRPOTrainer):
             metrics["kl/rb"] = masked_sequence_sum(kl_terms.detach(), mask)
         log_sequence_metrics(self, mode, metrics)
         return loss
+
+    def _sampler_logps(self, inputs: dict[str, Any]) -> torch.Tensor | None:
+        """[B, C] per-token log-probs of the policy that sampled the batch, or None when that is the current one.
+
+        With vLLM and trl's importance-sampling correction on, vLLM's own log-probs (trl requires them "processed":
+        of the distribution it sampled from), which covers both the vLLM-trainer mismatch and stale batches;
+        otherwise the trainer's at sampling time, which trl records only when batches are reused after an update.
+        """
+        if self.use_vllm and self.vllm_importance_sampling_correction and "sampling_per_token_logps" in inputs:
+            return inputs["sampling_per_token_logps"]
+        return inputs.get("old_per_token_logps")
 
     def _token_kl(self, model, policy_hidden, ref_hidden, mask) -> torch.Tensor:
         """K_t [B, C] from the captured hidden states (with gradient to the policy when grad mode is on)."""

@@ -257,7 +257,7 @@ class RLOOTrainer(HiddenCaptureMixin, trl.RLOOTrainer):
             output[REF_HIDDEN_KEY] = calls[1].hidden.detach()
             if self._reuses_batches:  # what the sampling policy scored, for the importance-weighted RB terms
                 output[OLD_TOKEN_LOGPS_KEY] = calls[0].logps.detach()
-                output[OLD_TOKEN_KL_KEY] = self._rb_token_kl
+                output[OLD_TOKEN_KL_KEY], self._rb_token_kl = self._rb_token_kl, None
             # trl zeroes the advantage of completions no reward function scored, so their KL penalty (in the
             # reward) never acts; the analytic half of the RB gradient skips them too, as the two halves must match.
             n = output["completion_mask"].shape[0]
