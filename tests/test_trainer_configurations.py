@@ -42,15 +42,17 @@ def exact_sequence_kl(trainer, inputs, reference) -> torch.Tensor:
 
 @pytest.mark.parametrize("estimator", ["rb", "k1"])
 def test_peft_modules_to_save_reference_is_adapters_disabled(tmp_path, estimator):
-    lora = LoraConfig(r=2, target_modules=["c_attn"], modules_to_save=["lm_head"])
+    lora = LoraConfig(r=2, target_modules=["c_attn"], modules_to_save=["lm_head", "ln_f"])  # the head and a module
     trainer, _, _ = make_trainer(
         estimator, tmp_path, batch=16, group=4, use_ref_model=False, model=tiny_gpt2(VOCAB, 0, **MODEL_KW),
         peft_config=lora, temperature=0.8,
     )  # fmt: skip
     peft_model = trainer.model
-    trained_head = peft_model.base_model.model.lm_head.modules_to_save["default"]
-    with torch.no_grad():  # what training would do to the copy: the policy's head now differs from the reference's
-        trained_head.weight.add_(torch.randn(trained_head.weight.shape, generator=torch.Generator().manual_seed(0)))
+    lm = peft_model.base_model.model
+    trained = [lm.lm_head.modules_to_save["default"], lm.transformer.ln_f.modules_to_save["default"]]
+    with torch.no_grad():  # what training would do to the copies: the policy now differs from the reference
+        for module in trained:
+            module.weight.add_(torch.randn(module.weight.shape, generator=torch.Generator().manual_seed(0)))
     inputs = score_batch(trainer, 16, seed=1)
     trainer.compute_loss(peft_model, inputs)
     logged = trainer._metrics["train"]["kl/rb"][-1]
