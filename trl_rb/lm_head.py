@@ -8,6 +8,7 @@ pass) and the LM-head weights, with ``trl_rb.kl.linear_token_kl``.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -202,8 +203,15 @@ def positions_from_attention_mask(model: nn.Module) -> Iterator[None]:
     trl 1.16 scores completions without position ids. For models with absolute position embeddings (GPT-2) that
     shifts every left-padded row: the log-probs, and the exact KL, would be those of a distribution other than the
     one the completions were sampled from (measured: the mean GRPO KL gradient 0.67 cosine to the truth with two
-    prompt lengths, tests/test_grpo_unbiased.py). Rotary models are invariant to the shift.
+    prompt lengths, tests/test_grpo_unbiased.py). Rotary models are invariant to the shift and multimodal models
+    compute their own (e.g. 3-D) positions: for those, and for backbones without a ``position_ids`` argument, the
+    block changes nothing.
     """
+    lm = unwrap_causal_lm(model)
+    backbone = _backbone(lm)
+    if not _absolute_positions(lm, backbone):
+        yield
+        return
 
     def hook(_module, args, kwargs):
         mask = kwargs.get("attention_mask")
@@ -211,11 +219,23 @@ def positions_from_attention_mask(model: nn.Module) -> Iterator[None]:
             kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
         return args, kwargs
 
-    handle = _backbone(unwrap_causal_lm(model)).register_forward_pre_hook(hook, with_kwargs=True)
+    handle = backbone.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         yield
     finally:
         handle.remove()
+
+
+def _absolute_positions(lm: nn.Module, backbone: nn.Module) -> bool:
+    """Whether the text-only model embeds absolute positions (GPT-2 style) and takes ``position_ids``."""
+    config = lm.config
+    if hasattr(config, "get_text_config") and config.get_text_config() is not config:
+        return False  # multimodal: positions are the model's own business
+    if hasattr(backbone, "rotary_emb") or any(
+        getattr(config, name, None) is not None for name in ("rope_theta", "rope_parameters", "rope_scaling")
+    ):
+        return False
+    return "position_ids" in inspect.signature(backbone.forward).parameters
 
 
 def completion_hidden(hidden: torch.Tensor, logits_to_keep: int) -> torch.Tensor:
