@@ -33,11 +33,13 @@ def model_dir(tmp_path_factory) -> str:
 def run_engine(model_dir: str, out: Path, engine: str, trainer: str, estimator: str, *extra: str) -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1"}
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(HERE / "engine_run.py"),
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(HERE / "engine_run.py"),
         "--trainer", trainer, "--estimator", estimator, "--engine", engine, "--model", model_dir,
         "--out", str(out / engine), *extra,
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    if proc.returncode != 0:  # keep the whole log: a crash's cause can sit far above the launcher's summary
+        (out / f"{engine}.log").write_text(proc.stdout + proc.stderr)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("LOGS "))
     return json.loads(line[len("LOGS ") :])

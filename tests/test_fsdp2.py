@@ -24,7 +24,7 @@ HERE = Path(__file__).resolve().parent
 def test_sharded_kl_term_matches_unsharded(tmp_path):
     out = tmp_path / "fsdp2.pt"
     script = str(HERE / "fsdp2_run.py")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", script, str(out)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script, str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     results = torch.load(out)
