@@ -42,6 +42,9 @@ _LAZY = {
     "classifier_reward": "trl_rb.rewards",
     "review_prompts": "trl_rb.review_lm",
     "review_lm_path": "trl_rb.review_lm",
+    "patch_trl": "trl_rb.patch",
+    "unpatch_trl": "trl_rb.patch",
+    "is_trl_patched": "trl_rb.patch",
 }
 
 __all__ = [

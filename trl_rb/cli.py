@@ -1,6 +1,6 @@
 """The ``trl-rb`` command: one subcommand per tool, each implemented in its own module.
 
-Every subcommand module exposes ``main(argv: list[str]) -> int``; exit code 2 means bad input (with a message on
+Every subcommand names a ``module`` whose ``main(argv: list[str]) -> int`` runs it (or ``module:function``); exit code 2 means bad input (with a message on
 stderr naming the problem and the fix), as argparse does.
 """
 
@@ -11,10 +11,13 @@ import sys
 
 # subcommand -> (module, one-line help). Modules are imported only when their subcommand runs.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "grpo": ("trl_rb.trl_scripts:grpo_main", "trl's `trl grpo` script and flags, with trl-rb's GRPOTrainer"),
+    "rloo": ("trl_rb.trl_scripts:rloo_main", "trl's `trl rloo` script and flags, with trl-rb's RLOOTrainer"),
     "estimate": ("trl_rb.estimate_cli", "KL(p || q) between two language models with every estimator, side by side"),
     "prepare-imdb": ("trl_rb.data", "turn a local IMDB copy into imdb-train.jsonl / imdb-test.jsonl prompt files"),
     "sweep": ("trl_rb.sweep", "run methods x KL coefficients x seeds of the sentiment experiment, resumable"),
     "pareto": ("trl_rb.pareto", "plot eval reward against eval KL for a folder of runs, with the frontier"),
+    "run": ("trl_rb.run_script", "run an unmodified trl script with trl-rb's trainers (trl_rb.patch_trl() first)"),
 }
 
 
@@ -33,8 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     if name not in SUBCOMMANDS:
         print(f"trl-rb: unknown subcommand {name!r}.\n{_usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(SUBCOMMANDS[name][0])
-    return int(module.main(rest) or 0)
+    module_name, _, function = SUBCOMMANDS[name][0].partition(":")
+    entry = getattr(importlib.import_module(module_name), function or "main")
+    return int(entry(rest) or 0)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ from typing import Any
 import torch
 import trl
 from trl.models.utils import disable_gradient_checkpointing
+from trl.trainer import grpo_trainer as trl_grpo_trainer
 
 from .kl import canonical_estimator, future_sum, prefix_importance_weights
 from .lm_head import head_params
@@ -206,7 +207,8 @@ def reduce_like_loss_type(
 
 def _trl_init_argument(name: str, *args: Any, **kwargs: Any) -> Any:
     """The value ``trl.GRPOTrainer.__init__`` receives for parameter ``name`` from these arguments (or its default)."""
-    bound = inspect.signature(trl.GRPOTrainer.__init__).bind(None, *args, **kwargs)
+    # the defining module's class: `trl.GRPOTrainer` is trl-rb's own after trl_rb.patch_trl()
+    bound = inspect.signature(trl_grpo_trainer.GRPOTrainer.__init__).bind(None, *args, **kwargs)
     bound.apply_defaults()
     return bound.arguments[name]
 
