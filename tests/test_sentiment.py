@@ -75,7 +75,12 @@ def _no_output(out):
     ("trainer", "method", "prompt_source"),
     [("rloo", "MC", "jsonl"), ("rloo", "rb", "default"), ("grpo", "RB", "default")],
 )
-def test_short_run_writes_a_complete_folder(offline, tmp_path, trainer, method, prompt_source):
+def test_short_run_writes_a_complete_folder(offline, tmp_path, trainer, method, prompt_source, monkeypatch):
+    import trl_rb.sentiment as sentiment
+
+    titles = []
+    plot = sentiment.plot_metrics
+    monkeypatch.setattr(sentiment, "plot_metrics", lambda *a, title="": (titles.append(title), plot(*a, title=title)))
     out = tmp_path / "run"
     argv = ["--trainer", trainer, "--method", method, "--init_kl_coef", "0.1", "--output_dir", str(out), *TINY_RUN]
     if prompt_source == "jsonl":
@@ -91,6 +96,7 @@ def test_short_run_writes_a_complete_folder(offline, tmp_path, trainer, method, 
     for name in ("eval.json", "metrics.jsonl", "run_config.yaml", "training.png", "config.json", "tokenizer.json"):
         assert (out / name).is_file(), name
     assert (out / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert titles == [f"{trainer.upper()} {method.upper()}, beta 0.1, seed 0"]  # not the folder's name
 
     result = json.loads((out / "eval.json").read_text())
     assert result["method"] == method.upper() and result["trainer"] == trainer and result["beta"] == 0.1
