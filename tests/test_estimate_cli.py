@@ -225,3 +225,50 @@ def test_default_reference_is_the_review_lm(tmp_path, capsys):
     assert data["n_prompts"] == 3
     for entry in data["estimators"].values():
         assert abs(entry["mean"]) < 1e-6
+
+
+def test_adapter_folder_as_policy_and_run_folder_defaults(models, tmp_path, capsys):
+    """A PEFT adapter folder is a policy (its base, from adapter_config.json, is the default reference), and a run
+    folder's saved settings give the defaults of --max-new-tokens and --temperature."""
+    import peft
+    import yaml
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(models / "reference")
+    lora = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["c_attn"], init_lora_weights=False))
+    adapter = tmp_path / "adapter-run"
+    lora.save_pretrained(adapter)
+    tiny_tokenizer().save_pretrained(adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(models / "reference")
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    (adapter / "run_config.yaml").write_text(yaml.safe_dump({"max_completion_length": 2, "temperature": 0.7}))
+    out_json = tmp_path / "kl.json"
+    argv = ["--policy", adapter, "--prompts", models / "prompts.txt", "--samples-per-prompt", 10, "--exact",
+            "--output", out_json, "--no-progress"]  # fmt: skip
+    code, out, err = _run(capsys, argv)
+    assert code == 0, err
+    data = json.loads(out_json.read_text())
+    assert data["reference"] == str(models / "reference")  # the adapter's base
+    assert data["max_new_tokens"] == 2 and data["temperature"] == pytest.approx(0.7)  # from run_config.yaml
+    # the adapter (init_lora_weights=False: not the identity) moved the model; rb agrees with the exact KL
+    assert data["exact_kl"] > 1e-3
+    rb = data["estimators"]["rb"]
+    assert abs(rb["mean"] - data["exact_kl"]) < 5 * rb["se"] + 1e-9
+    # an explicit flag wins over the run folder
+    code, _, err = _run(capsys, [*argv, "--max-new-tokens", 3])
+    assert code == 0, err
+    assert json.loads(out_json.read_text())["max_new_tokens"] == 3
+
+
+def test_run_defaults_from_a_trainer_run_folder(tmp_path):
+    """``trl-rb grpo|rloo`` (any HF Trainer) saves its arguments as training_args.bin: sampling settings come from it."""
+    import torch
+
+    from trl_rb.estimate_cli import run_defaults
+    from trl_rb.grpo import GRPOConfig
+
+    args = GRPOConfig(output_dir=str(tmp_path), max_completion_length=7, temperature=0.9, use_cpu=True, report_to=[])
+    torch.save(args, tmp_path / "training_args.bin")
+    assert run_defaults(tmp_path) == {"max_new_tokens": 7, "temperature": 0.9}
+    assert run_defaults(tmp_path / "missing") == {}

@@ -39,12 +39,16 @@ def _parser() -> argparse.ArgumentParser:
         "cv_opt, rb) and compare their means, spreads and, with --exact, their bias against the truth.",
     )
     p.add_argument(
-        "--policy", required=True, help="folder of the policy (a save_pretrained model, e.g. a run's output_dir)"
+        "--policy",
+        required=True,
+        help="folder of the policy: a save_pretrained model or a PEFT adapter folder (e.g. a run's output_dir)",
     )
     p.add_argument(
         "--reference",
         default=None,
-        help="folder of the reference model (default: the offline review LM of the sentiment experiment, built on first use)",
+        help="folder of the reference model (a model or an adapter folder). Default: an adapter policy's base model "
+        "(adapter_config.json), else the model a run folder was trained from, else the offline review LM of the "
+        "sentiment experiment (built on first use)",
     )
     src = p.add_mutually_exclusive_group()
     src.add_argument(
@@ -66,8 +70,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--samples-per-prompt", type=int, default=20, help="completions per prompt (default: 20, so M=10 has 2 groups)"
     )
-    p.add_argument("--max-new-tokens", type=int, default=32, help="completion length limit (default: 32)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: 1.0)")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="completion length limit (default: the run folder's max_completion_length, else 32)",
+    )
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        help="sampling temperature (default: the run folder's temperature, else 1.0)",
+    )
     p.add_argument("--batch-size", type=int, default=32, help="sequences generated and scored at once (default: 32)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     p.add_argument(
@@ -157,15 +171,58 @@ def _dataset_prompts(path: str, split: str | None, column: str) -> list[str]:
     return list(prompts)
 
 
+def adapter_base(path: str | os.PathLike) -> str | None:
+    """The base model of a PEFT adapter folder (``base_model_name_or_path`` of its adapter_config.json), or None
+    when ``path`` is not an adapter folder."""
+    config = Path(path) / "adapter_config.json"
+    if not config.is_file():
+        return None
+    base = json.loads(config.read_text()).get("base_model_name_or_path")
+    if not base:
+        raise UsageError(f"{config} names no base_model_name_or_path: pass the base model with --reference.")
+    return str(base)
+
+
+def run_defaults(path: str | os.PathLike) -> dict[str, Any]:
+    """What a training run folder says about how its completions were sampled: ``max_new_tokens``, ``temperature``
+    and the ``reference`` it was trained against (keys absent when unknown).
+
+    Read from ``run_config.yaml`` (``rloo_sentiment.py``) or ``training_args.bin`` (the trainer's arguments, saved
+    by ``trl-rb grpo|rloo`` and any HF Trainer run; unpickled, so only for folders you trust: your own runs).
+    """
+    folder = Path(path)
+    values: dict[str, Any] = {}
+    if (folder / "run_config.yaml").is_file():
+        import yaml
+
+        config = yaml.safe_load((folder / "run_config.yaml").read_text()) or {}
+        values = {"max_new_tokens": config.get("max_completion_length"), "temperature": config.get("temperature")}
+        values["reference"] = config.get("model_name_or_path")
+    elif (folder / "training_args.bin").is_file():
+        import torch
+
+        args = torch.load(folder / "training_args.bin", weights_only=False)
+        values = {"max_new_tokens": getattr(args, "max_completion_length", None)}
+        values["temperature"] = getattr(args, "temperature", None)
+    return {k: v for k, v in values.items() if v is not None}
+
+
 def _load_model(path: str, flag: str, device: str):
+    """A causal LM folder, or a PEFT adapter folder (its base model with the adapter merged in)."""
     from transformers import AutoModelForCausalLM
 
     if not Path(path).exists():
         raise UsageError(f"{flag}: no such model folder: {path}")
+    base = adapter_base(path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path if base is None else base)
+        if base is not None:
+            from peft import PeftModel
+
+            # merged: the exact KL reads plain LM heads, and a LoRA'd head would otherwise be missed
+            model = PeftModel.from_pretrained(model, path).merge_and_unload()
     except (OSError, ValueError, KeyError) as err:
-        raise UsageError(f"{flag} {path} is not a loadable causal LM folder (save_pretrained output): {err}") from None
+        raise UsageError(f"{flag} {path} is not a loadable causal LM or adapter folder: {err}") from None
     return model.to(device).eval()
 
 
@@ -335,6 +392,13 @@ def _run(args: argparse.Namespace) -> int:
 
     from .estimate import estimate_kl
 
+    defaults = run_defaults(args.policy) if Path(args.policy).is_dir() else {}
+    if args.max_new_tokens is None:
+        args.max_new_tokens = int(defaults.get("max_new_tokens", 32))
+    if args.temperature is None:
+        args.temperature = float(defaults.get("temperature", 1.0))
+    if args.reference is None and Path(args.policy).is_dir():
+        args.reference = adapter_base(args.policy) or defaults.get("reference")
     estimators = _parse_list(args.estimators, "--estimators", resolve_estimator)
     m_values = _parse_list(args.m_values, "--m-values", _positive_int)
     for flag, value in (
