@@ -9,7 +9,7 @@ Every trl_rb.RLOOConfig field is a flag too (trl's parser conventions). See trl_
 
 import sys
 
-from trl_rb.sentiment import main
+from trl_rb.sentiment.experiment import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -19,8 +19,8 @@ import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
-from trl_rb.lm_head import capture_last_hidden, completion_hidden, head_params
-from trl_rb.trainer_kl import weighted_kl_sum_from_hidden
+from trl_rb.trainers.heads import capture_last_hidden, completion_hidden, head_params
+from trl_rb.trainers.token_kl import weighted_kl_sum_from_hidden
 
 VOCAB, PROMPT, COMPLETION, BATCH = 11, 3, 5, 4
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from trl_rb.data import DataError, load_prompt_split, load_prompts, main, prepare_imdb
+from trl_rb.sentiment.data import DataError, load_prompt_split, load_prompts, main, prepare_imdb
 
 # Repeats on purpose: the loaded prompts are de-duplicated in first-seen order.
 TRAIN = ["the movie", "it was", "the movie", "i saw this", "it was", "a film"]

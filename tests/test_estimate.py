@@ -10,7 +10,7 @@ import pytest
 import torch
 from enumerable import tiny_gpt2, tiny_gpt2_pair, word_tokenizer
 
-from trl_rb.estimate import check_tokenizers, estimate_kl
+from trl_rb.estimate.api import check_tokenizers, estimate_kl
 from trl_rb.exact import exact_kl
 
 

@@ -11,7 +11,7 @@ from enumerable import tiny_gpt2, tiny_gpt2_pair
 from test_estimate import tiny_tokenizer
 
 from trl_rb.cli import main as trl_rb_main
-from trl_rb.estimate_cli import main
+from trl_rb.estimate.cli import main
 
 ESTIMATOR_KEYS = {"mean", "std", "se", "ci95", "frac_negative", "var_ratio_vs_k1", "std_m", "std_m_formula"}
 
@@ -202,7 +202,7 @@ def test_argparse_errors_return_2(capsys):
 
 
 def _review_lm_ready() -> bool:
-    from trl_rb.review_lm import review_lm_path
+    from trl_rb.sentiment.review_lm import review_lm_path
 
     return (review_lm_path() / "config.json").is_file() and (review_lm_path() / "tokenizer.json").is_file()
 
@@ -212,7 +212,7 @@ def _review_lm_ready() -> bool:
 )
 def test_default_reference_is_the_review_lm(tmp_path, capsys):
     """Without --reference and --prompts: the review LM and its test prompts. Policy = the review LM, so KL = 0."""
-    from trl_rb.review_lm import review_lm_path
+    from trl_rb.sentiment.review_lm import review_lm_path
 
     out_json = tmp_path / "kl.json"
     code, out, err = _run(capsys, [
@@ -265,8 +265,8 @@ def test_run_defaults_from_a_trainer_run_folder(tmp_path):
     """``trl-rb grpo|rloo`` (any HF Trainer) saves its arguments as training_args.bin: sampling settings come from it."""
     import torch
 
-    from trl_rb.estimate_cli import run_defaults
-    from trl_rb.grpo import GRPOConfig
+    from trl_rb.estimate.cli import run_defaults
+    from trl_rb.trainers.grpo import GRPOConfig
 
     args = GRPOConfig(output_dir=str(tmp_path), max_completion_length=7, temperature=0.9, use_cpu=True, report_to=[])
     torch.save(args, tmp_path / "training_args.bin")

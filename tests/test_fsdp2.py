@@ -3,7 +3,7 @@ value and the gradient of the unsharded one.
 
 accelerate enables FSDP only on accelerators, so the trainers' FSDP2 path runs on GPUs only (``scripts/gpu_check.sh``);
 this checks the mechanism it relies on: the policy's hidden states captured from its forward, the heads made whole by
-``trl_rb.lm_head.gathered_heads`` (a tied head in the root group; an untied head in its own group, left as DTensor
+``trl_rb.trainers.heads.gathered_heads`` (a tied head in the root group; an untied head in its own group, left as DTensor
 shards), and the gradient returned to the shards averaged over the ranks like FSDP2's own.
 """
 

@@ -15,9 +15,9 @@ import trl
 from datasets import Dataset
 from enumerable import tiny_gpt2, tiny_gpt2_pair, word_tokenizer
 
-from trl_rb.grpo import GRPOConfig, GRPOTrainer, reduce_like_loss_type
 from trl_rb.kl import kl_surrogate, token_kl, token_logprobs
-from trl_rb.trainer_kl import k3_per_token
+from trl_rb.trainers.grpo import GRPOConfig, GRPOTrainer, reduce_like_loss_type
+from trl_rb.trainers.token_kl import k3_per_token
 
 VOCAB = 4
 PROMPT = "<bos>"

@@ -78,7 +78,7 @@ def test_trl_rb_run_trains_a_plain_trl_script_with_rb(tmp_path):
         line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
         results["patched" if launcher else "plain"] = json.loads(line[len("RESULT ") :])
     patched, plain = results["patched"], results["plain"]
-    assert patched["class"] == "trl_rb.grpo" and patched["estimator"] == "rb"
+    assert patched["class"] == "trl_rb.trainers.grpo" and patched["estimator"] == "rb"
     assert all("kl/rb" in h and h["kl/rb"] >= 0.0 for h in patched["logs"])
     assert patched["logs"][-1]["kl/rb"] > 1e-4
     assert plain["class"] == "trl.trainer.grpo_trainer" and not any("kl/rb" in h for h in plain["logs"])

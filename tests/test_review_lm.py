@@ -7,8 +7,8 @@ import os
 import pytest
 import torch
 
-from trl_rb import review_lm
-from trl_rb.review_lm import (
+from trl_rb.sentiment import review_lm
+from trl_rb.sentiment.review_lm import (
     build_review_lm,
     build_review_tokenizer,
     generate_reviews,
@@ -16,7 +16,7 @@ from trl_rb.review_lm import (
     review_lm_path,
     review_prompts,
 )
-from trl_rb.rewards import classifier_reward, vader_reward
+from trl_rb.sentiment.rewards import classifier_reward, vader_reward
 
 # A build small enough for a test (seconds), with the real recipe.
 TINY = dict(n_texts=200, steps=6, batch_size=8, n_layer=1, n_embd=32, n_head=2, progress=False)

@@ -20,9 +20,10 @@ from trl_rb.kl import (
     linear_token_kl,
     sequence_kl_terms,
 )
-from trl_rb.lm_head import HeadParams
-from trl_rb.rloo import RLOOConfig, RLOOTrainer
-from trl_rb.trainer_kl import REF_HIDDEN_KEY, token_kl_from_hidden, weighted_kl_sum_from_hidden
+from trl_rb.trainers.capture import REF_HIDDEN_KEY
+from trl_rb.trainers.heads import HeadParams
+from trl_rb.trainers.rloo import RLOOConfig, RLOOTrainer
+from trl_rb.trainers.token_kl import token_kl_from_hidden, weighted_kl_sum_from_hidden
 
 hf_logging.set_verbosity_error()
 

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import trl
 
-from trl_rb.rloo import RLOOConfig
+from trl_rb.trainers.rloo import RLOOConfig
 
 BASE = {"output_dir": "unused", "bf16": False, "report_to": "none"}
 

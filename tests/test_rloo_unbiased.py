@@ -34,7 +34,7 @@ from test_grpo import MODEL_KW, PROMPT, VOCAB, score_batch, tiny_tokenizer, zero
 from test_grpo_unbiased import MIXED_PROMPTS, exact_mean_grad, mixed_batch, stale_batch_grads
 
 from trl_rb.exact import exact_kl_and_grad
-from trl_rb.rloo import RLOOConfig, RLOOTrainer
+from trl_rb.trainers.rloo import RLOOConfig, RLOOTrainer
 
 pytestmark = pytest.mark.slow  # ~12 s on one thread (the gradients of 2 x 200 batches, computed once per module)
 
@@ -179,7 +179,7 @@ def test_unbiased_at_temperature_with_prompts_of_two_lengths(tmp_path, estimator
 def test_rb_second_iteration_is_unbiased_with_importance_weights(tmp_path):
     """num_iterations=2 at unclipped ratios (epsilon 100): trl's ratio-weighted penalty plus the importance-weighted
     RB terms give beta * grad KL at the current policy; treating the stale batch as on-policy does not."""
-    from trl_rb.rloo import OLD_TOKEN_KL_KEY, OLD_TOKEN_LOGPS_KEY
+    from trl_rb.trainers.rloo import OLD_TOKEN_KL_KEY, OLD_TOKEN_LOGPS_KEY
 
     trainer = make_trainer("rb", tmp_path, num_iterations=2, epsilon=100.0)
     grads, exact = stale_batch_grads(trainer, (), nb=2 * NB)

@@ -1,11 +1,11 @@
-"""trl_rb.sampling_check.check_rb_sampling on real trl GRPOConfig / RLOOConfig objects: deny-by-default."""
+"""trl_rb.trainers.sampling.check_rb_sampling on real trl GRPOConfig / RLOOConfig objects: deny-by-default."""
 
 from __future__ import annotations
 
 import pytest
 import trl
 
-from trl_rb.sampling_check import _EMPTY, GUIDED_KEYS, HARMLESS_KEYS, NEUTRAL_VALUES, check_rb_sampling
+from trl_rb.trainers.sampling import _EMPTY, GUIDED_KEYS, HARMLESS_KEYS, NEUTRAL_VALUES, check_rb_sampling
 
 CONFIGS = {"grpo": trl.GRPOConfig, "rloo": trl.RLOOConfig}
 

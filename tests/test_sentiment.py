@@ -13,9 +13,9 @@ pytest.importorskip("trl")
 
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from trl_rb.review_lm import load_review_lm, review_prompts  # noqa: E402
-from trl_rb.rewards import vader_reward  # noqa: E402
-from trl_rb.sentiment import evaluate_policy, main, parse_args  # noqa: E402
+from trl_rb.sentiment.experiment import evaluate_policy, main, parse_args  # noqa: E402
+from trl_rb.sentiment.review_lm import load_review_lm, review_prompts  # noqa: E402
+from trl_rb.sentiment.rewards import vader_reward  # noqa: E402
 
 hf_logging.set_verbosity_error()
 
@@ -54,7 +54,7 @@ def _tiny_classifier(path):
     """A randomly initialized 2-class GPT-2 classifier over the review vocabulary, saved to ``path``."""
     from transformers import GPT2Config, GPT2ForSequenceClassification
 
-    from trl_rb.review_lm import build_review_tokenizer
+    from trl_rb.sentiment.review_lm import build_review_tokenizer
 
     tok = build_review_tokenizer()
     torch.manual_seed(0)
@@ -76,7 +76,7 @@ def _no_output(out):
     [("rloo", "MC", "jsonl"), ("rloo", "rb", "default"), ("grpo", "RB", "default")],
 )
 def test_short_run_writes_a_complete_folder(offline, tmp_path, trainer, method, prompt_source, monkeypatch):
-    import trl_rb.sentiment as sentiment
+    import trl_rb.sentiment.experiment as sentiment
 
     titles = []
     plot = sentiment.plot_metrics

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from trl_rb import pareto, sweep
-from trl_rb.pareto import RunPoint, frontier, frontier_shares, load_points
+from trl_rb.sentiment import pareto, sweep
+from trl_rb.sentiment.pareto import RunPoint, frontier, frontier_shares, load_points
 
 # (name, method, kl, reward). Frontier by increasing KL: a (0.1, 0.2), c (0.5, 0.5), d (1.0, 0.7), g (2.0, 0.9).
 # b is dominated by a (more KL, less reward), e by d, f ties d's reward with more KL, h (2.0, 0.9) ties g exactly.
@@ -91,7 +91,7 @@ def test_sweep_runs_every_combination_and_resumes(tmp_path, monkeypatch, capsys)
             json.dump({"reward": 0.5, "reward_se": 0.1, "kl_rb": 1.0, "kl_rb_se": 0.1, "method": "?"}, handle)
         return 0
 
-    monkeypatch.setattr("trl_rb.sentiment.main", fake_run)
+    monkeypatch.setattr("trl_rb.sentiment.experiment.main", fake_run)
     config = _sweep_config(tmp_path)
     assert sweep.main([str(config)]) == 1  # one run failed
     out = capsys.readouterr().out
@@ -136,7 +136,7 @@ def test_sweep_missing_config(tmp_path, capsys):
 @pytest.mark.slow
 def test_real_sweep_of_one_run_then_pareto(tmp_path, monkeypatch, tmp_path_factory, capsys):
     """One real (tiny) run through the sweep, then pareto on its folder."""
-    from trl_rb.review_lm import load_review_lm
+    from trl_rb.sentiment.review_lm import load_review_lm
 
     cache = tmp_path_factory.getbasetemp() / "review-lm-cache"
     load_review_lm(cache, n_texts=2000, steps=150, progress=False)  # shared with test_sentiment.py's session build

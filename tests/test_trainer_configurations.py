@@ -18,8 +18,9 @@ from test_grpo import MODEL_KW, PROMPT, VOCAB, length_reward, make_trainer, scor
 from test_rloo import lm_paths, low_words_reward, make_config, prompts_dataset  # noqa: F401  (fixture)
 
 from trl_rb.kl import linear_token_kl, linear_weighted_kl_sum, token_kl
-from trl_rb.rloo import SCORABLE_KEY, RLOOTrainer
-from trl_rb.trainer_kl import ScoredCall, masked_sequence_sum
+from trl_rb.trainers.capture import ScoredCall
+from trl_rb.trainers.metrics import masked_sequence_sum
+from trl_rb.trainers.rloo import SCORABLE_KEY, RLOOTrainer
 
 
 def exact_sequence_kl(trainer, inputs, reference) -> torch.Tensor:
@@ -178,7 +179,7 @@ def test_rb_metric_switch(tmp_path, lm_paths):  # noqa: F811
 
 
 def test_rloo_k1_without_linear_head_skips_the_metric(lm_paths, tmp_path, monkeypatch):  # noqa: F811
-    import trl_rb.trainer_kl as trainer_kl
+    import trl_rb.trainers.token_kl as trainer_kl
 
     def no_head(*_a, **_k):
         raise ValueError("GPT2LMHeadModel has no linear LM head")
@@ -246,7 +247,7 @@ def test_bf16_training_run(tmp_path, lm_paths, trainer_name):  # noqa: F811
 def test_reference_init_kwargs_follow_trl():
     from types import SimpleNamespace
 
-    from trl_rb.trainer_kl import _reference_init_kwargs
+    from trl_rb.trainers.reference import _reference_init_kwargs
 
     policy = tiny_gpt2(VOCAB, 0, **MODEL_KW, dtype=torch.float32)
 
@@ -268,7 +269,7 @@ def test_reference_init_kwargs_follow_trl():
 def test_ref_model_path_honours_init_kwargs_and_fp32_head(tmp_path):
     from test_rloo import build_lm
 
-    from trl_rb.grpo import GRPOConfig, GRPOTrainer
+    from trl_rb.trainers.grpo import GRPOConfig, GRPOTrainer
 
     # untied heads: trl's own cast of a tied policy head assumes a `model.embed_tokens` attribute GPT-2 lacks
     policy, other = build_lm(tmp_path / "p", seed=0, tied=False), build_lm(tmp_path / "q", seed=1, tied=False)
@@ -294,7 +295,7 @@ def test_ref_model_path_honours_init_kwargs_and_fp32_head(tmp_path):
 
 
 def test_sync_ref_model_reads_the_synced_reference(lm_paths, tmp_path):  # noqa: F811
-    from trl_rb.grpo import GRPOConfig, GRPOTrainer
+    from trl_rb.trainers.grpo import GRPOConfig, GRPOTrainer
 
     args = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=8, num_generations=4, beta=0.1,
                       max_completion_length=6, report_to=[], use_cpu=True, bf16=False, max_steps=2, logging_steps=1,

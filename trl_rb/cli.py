@@ -11,13 +11,13 @@ import sys
 
 # subcommand -> (module, one-line help). Modules are imported only when their subcommand runs.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "grpo": ("trl_rb.trl_scripts:grpo_main", "trl's `trl grpo` script and flags, with trl-rb's GRPOTrainer"),
-    "rloo": ("trl_rb.trl_scripts:rloo_main", "trl's `trl rloo` script and flags, with trl-rb's RLOOTrainer"),
-    "estimate": ("trl_rb.estimate_cli", "KL(p || q) between two language models with every estimator, side by side"),
-    "prepare-imdb": ("trl_rb.data", "turn a local IMDB copy into imdb-train.jsonl / imdb-test.jsonl prompt files"),
-    "sweep": ("trl_rb.sweep", "run methods x KL coefficients x seeds of the sentiment experiment, resumable"),
-    "pareto": ("trl_rb.pareto", "plot eval reward against eval KL for a folder of runs, with the frontier"),
-    "run": ("trl_rb.run_script", "run an unmodified trl script with trl-rb's trainers (trl_rb.patch_trl() first)"),
+    "grpo": ("trl_rb.trainers.scripts:grpo_main", "trl's `trl grpo` script and flags, with trl-rb's GRPOTrainer"),
+    "rloo": ("trl_rb.trainers.scripts:rloo_main", "trl's `trl rloo` script and flags, with trl-rb's RLOOTrainer"),
+    "estimate": ("trl_rb.estimate.cli", "KL(p || q) between two language models with every estimator, side by side"),
+    "prepare-imdb": ("trl_rb.sentiment.data", "turn a local IMDB copy into imdb-train.jsonl / imdb-test.jsonl prompt files"),
+    "sweep": ("trl_rb.sentiment.sweep", "run methods x KL coefficients x seeds of the sentiment experiment, resumable"),
+    "pareto": ("trl_rb.sentiment.pareto", "plot eval reward against eval KL for a folder of runs, with the frontier"),
+    "run": ("trl_rb.trainers.run_script", "run an unmodified trl script with trl-rb's trainers (trl_rb.patch_trl() first)"),
 }
 
 

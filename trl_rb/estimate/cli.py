@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .estimate import ALL_ESTIMATORS, EstimateResult, resolve_estimator
+from .api import ALL_ESTIMATORS, EstimateResult, resolve_estimator
 
 __all__ = ["main", "read_prompts", "write_outputs"]
 
@@ -390,7 +390,7 @@ def _plot(result: EstimateResult, path: str) -> None:
 def _run(args: argparse.Namespace) -> int:
     import torch
 
-    from .estimate import estimate_kl
+    from .api import estimate_kl
 
     defaults = run_defaults(args.policy) if Path(args.policy).is_dir() else {}
     if args.max_new_tokens is None:
@@ -420,7 +420,7 @@ def _run(args: argparse.Namespace) -> int:
     elif args.dataset is not None:
         prompts, source = _dataset_prompts(args.dataset, args.split, args.prompt_column), str(args.dataset)
     else:
-        from .review_lm import review_prompts
+        from ..sentiment.review_lm import review_prompts
 
         prompts, source = review_prompts("test"), "review_prompts('test')"
     if not prompts:
@@ -429,7 +429,7 @@ def _run(args: argparse.Namespace) -> int:
 
     policy = _load_model(args.policy, "--policy", device)
     if args.reference is None:
-        from .review_lm import load_review_lm, review_lm_path
+        from ..sentiment.review_lm import load_review_lm, review_lm_path
 
         if not (review_lm_path() / "config.json").is_file():
             print(

@@ -34,9 +34,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .exact import eval_mode
-from .kl import ESTIMATORS, canonical_estimator, sequence_kl_terms
-from .lm_head import HeadParams, capture_last_hidden, head_params, unwrap_causal_lm, vocab_size
+from ..exact import eval_mode
+from ..kl import ESTIMATORS, canonical_estimator, sequence_kl_terms
+from ..trainers.heads import HeadParams, capture_last_hidden, head_params, unwrap_causal_lm, vocab_size
 
 __all__ = ["ALL_ESTIMATORS", "EstimateResult", "check_tokenizers", "estimate_kl", "resolve_estimator"]
 
@@ -741,7 +741,7 @@ def _progress_bar(total: int, enabled: bool):
 def _exact_per_prompt(
     policy, reference, prompt_ids, max_new_tokens, eos_id, temperature, max_completions
 ) -> list[float]:
-    from .exact import exact_kl
+    from ..exact import exact_kl
 
     return [
         float(

@@ -21,7 +21,7 @@ _MISSING = object()
 # (module path, attribute) -> (trl_rb module, attribute)
 _REPLACEMENTS: dict[tuple[str, str], tuple[str, str]] = {
     **{
-        (where, name): (f"trl_rb.{source}", name)
+        (where, name): (f"trl_rb.trainers.{source}", name)
         for where in ("trl", "trl.trainer")
         for name, source in (
             ("GRPOTrainer", "grpo"),

@@ -134,10 +134,10 @@ def _trainer_classes(trainer: str) -> tuple[type, type]:
     """(config class, trainer class) for ``--trainer``."""
     try:
         if trainer == "rloo":
-            from .rloo import RLOOConfig, RLOOTrainer
+            from ..trainers.rloo import RLOOConfig, RLOOTrainer
 
             return RLOOConfig, RLOOTrainer
-        from .grpo import GRPOConfig, GRPOTrainer
+        from ..trainers.grpo import GRPOConfig, GRPOTrainer
 
         return GRPOConfig, GRPOTrainer
     except ImportError as err:  # pragma: no cover - only while the trainers are being written
@@ -177,7 +177,7 @@ def _pre_parse(argv: list[str]) -> dict[str, str | None]:
         raise UsageError(f"--method {values['method']!r} is not one of {', '.join(METHODS)} (case-insensitive)")
     estimator = METHODS[method]
     if values["kl_estimator"] is not None:
-        from .kl import canonical_estimator
+        from ..kl import canonical_estimator
 
         try:
             explicit = canonical_estimator(values["kl_estimator"])
@@ -393,7 +393,7 @@ def evaluate_policy(
     import torch
     from tqdm.auto import tqdm
 
-    from .kl import kl_estimate
+    from ..kl import kl_estimate
 
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos

@@ -16,8 +16,8 @@ is missing. ``kl_estimator`` chooses:
   configured ``loss_type``: the unbiased Rao-Blackwellized gradient, scaled by the constant the aggregation implies.
 
 How the hooks work (no trl code is copied): ``_generate_and_score_completions`` runs trl's under a hidden-state
-recording (``trainer_kl.HiddenCaptureMixin``), so the reference's last hidden states of trl's own reference forward
-ride in the batch dict (``trainer_kl.REF_HIDDEN_KEY``); ``_compute_loss`` runs trl's loss with its KL term switched
+recording (``capture.HiddenCaptureMixin``), so the reference's last hidden states of trl's own reference forward
+ride in the batch dict (``capture.REF_HIDDEN_KEY``); ``_compute_loss`` runs trl's loss with its KL term switched
 off (beta treated as 0 inside it) and records the policy's hidden states and per-token log-probs l_t (with
 gradient) from trl's own loss forward; K_t comes from ``trl_rb.kl`` on the two hidden states and LM heads
 (never [B, T, V] logits). Forward passes per generation batch (num_iterations = 1, aligned steps; generation aside):
@@ -50,23 +50,13 @@ import trl
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer import grpo_trainer as trl_grpo_trainer
 
-from .kl import canonical_estimator, future_sum, prefix_importance_weights
-from .lm_head import head_params
-from .trainer_kl import (
-    REF_HIDDEN_KEY,
-    HiddenCaptureMixin,
-    ScoredCall,
-    check_rb_sampling,
-    load_reference_model,
-    log_sequence_metrics,
-    masked_sequence_sum,
-    prepare_reference_model,
-    rb_heads_available,
-    reference_head,
-    token_kl_from_hidden,
-    trl_without_reference,
-    weighted_kl_sum_from_hidden,
-)
+from ..kl import canonical_estimator, future_sum, prefix_importance_weights
+from .capture import REF_HIDDEN_KEY, HiddenCaptureMixin, ScoredCall
+from .heads import head_params
+from .metrics import log_sequence_metrics, masked_sequence_sum
+from .reference import load_reference_model, prepare_reference_model, trl_without_reference
+from .sampling import check_rb_sampling
+from .token_kl import rb_heads_available, reference_head, token_kl_from_hidden, weighted_kl_sum_from_hidden
 
 __all__ = ["GRPO_KL_ESTIMATORS", "GRPOConfig", "GRPOTrainer", "reduce_like_loss_type"]
 

@@ -32,22 +32,17 @@ import torch
 import trl
 from accelerate.utils import is_peft_model
 
-from .kl import canonical_estimator, future_sum, prefix_importance_weights
-from .lm_head import head_params
-from .trainer_kl import (
-    REF_HIDDEN_KEY,
-    HiddenCaptureMixin,
-    ScoredCall,
-    check_rb_sampling,
+from ..kl import canonical_estimator, future_sum, prefix_importance_weights
+from .capture import REF_HIDDEN_KEY, HiddenCaptureMixin, ScoredCall
+from .heads import head_params
+from .metrics import log_sequence_metrics, masked_sequence_sum
+from .reference import load_reference_model, prepare_reference_model, trl_without_reference
+from .sampling import check_rb_sampling
+from .token_kl import (
     k3_per_token,
-    load_reference_model,
-    log_sequence_metrics,
-    masked_sequence_sum,
-    prepare_reference_model,
     rb_heads_available,
     reference_head,
     token_kl_from_hidden,
-    trl_without_reference,
     weighted_kl_sum_from_hidden,
 )
 
@@ -80,7 +75,7 @@ class RLOOConfig(trl.RLOOConfig):
             gets `beta` times the mean per-sequence RB KL with gradient through the policy, which makes the total
             gradient the unbiased RB gradient of E[reward] - beta * KL.
             Case-insensitive. `"rb"` needs untruncated sampling at `temperature` (any generation setting that
-            changes the next-token distribution is refused, see `trl_rb.sampling_check`). Batches reused after an
+            changes the next-token distribution is refused, see `trl_rb.trainers.sampling`). Batches reused after an
             optimizer step (`num_iterations > 1`, `steps_per_generation > gradient_accumulation_steps`) get
             importance-weighted RB terms: with W_{<n} = p(y_<n) / p_old(y_<n), the analytic term becomes
             beta * sum_n sg(W_{<n}) K_n and a score-function correction sum_n (l_n - sg l_n) *

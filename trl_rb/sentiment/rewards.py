@@ -18,8 +18,13 @@ __all__ = ["classifier_reward", "load_reward", "vader_reward"]
 
 @functools.lru_cache(maxsize=1)
 def _vader():
-    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
-
+    try:
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+    except ImportError:
+        raise ImportError(
+            "The VADER reward needs the sentiment experiment's extra: pip install 'trl-rb[sentiment]' (or "
+            "pip install vaderSentiment)."
+        ) from None
     return SentimentIntensityAnalyzer()
 
 

@@ -11,7 +11,7 @@ CONFIG is a YAML file:
       max_steps: 60
 
 Runs whose folder holds an ``eval.json`` are finished and skipped, so an interrupted sweep continues where it
-stopped (a run's folder only appears once the run is complete). Each run is ``trl_rb.sentiment.main`` in this
+stopped (a run's folder only appears once the run is complete). Each run is ``trl_rb.sentiment.experiment.main`` in this
 process; a failing run is reported and the sweep goes on (exit code 1 at the end).
 """
 
@@ -66,7 +66,7 @@ def load_sweep_config(path: str | Path, output_dir: str | None = None) -> SweepC
     """Read and validate a sweep YAML; ``output_dir`` overrides the file's."""
     import yaml
 
-    from .sentiment import METHODS, TRAINERS
+    from .experiment import METHODS, TRAINERS
 
     path = Path(path)
     try:
@@ -119,7 +119,7 @@ def _flag_values(name: str, value: Any) -> list[str]:
 
 def sweep_runs(config: SweepConfig) -> list[tuple[str, list[str]]]:
     """(run folder name, rloo_sentiment.py argv) for every combination, trainer x method x coefficient x seed."""
-    from .sentiment import run_name
+    from .experiment import run_name
 
     base = [item for name, value in config.args.items() for item in _flag_values(name, value)]
     runs = []
@@ -137,7 +137,7 @@ def sweep_runs(config: SweepConfig) -> list[tuple[str, list[str]]]:
 
 def run_sweep(config: SweepConfig, *, dry_run: bool = False) -> dict[str, list[str]]:
     """Run every unfinished run; returns the run names by outcome: ``done``, ``skipped``, ``failed``."""
-    from .sentiment import main as run_one
+    from .experiment import main as run_one
 
     runs = sweep_runs(config)
     outcome: dict[str, list[str]] = {"done": [], "skipped": [], "failed": []}

@@ -1,0 +1,166 @@
+"""The exact per-token KL K_n inside the trainers, from recorded hidden states and the two LM heads.
+
+K_n comes from ``trl_rb.kl`` (``linear_token_kl``, ``linear_weighted_kl_sum``) on the completion-aligned hidden
+states of ``capture.ScoredCall`` and each model's head, gathered however the engine shards it
+(``heads.gathered_heads``). Alignment: [B, C, ...] tensors are completion-aligned like trl's ``logits_to_keep``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+
+from ..kl import linear_token_kl, linear_weighted_kl_sum
+from .heads import HeadParams, gathered_heads, head_params
+
+__all__ = [
+    "k3_per_token",
+    "rb_heads_available",
+    "reference_head",
+    "token_kl_from_hidden",
+    "weighted_kl_sum_from_hidden",
+]
+
+
+def _head_kwargs(policy_head: HeadParams, ref_head: HeadParams) -> dict[str, Any]:
+    """The kl.py keyword arguments of the two heads (the reference's bias detached: it is a constant)."""
+    return dict(
+        bias_p=policy_head.bias,
+        bias_q=None if ref_head.bias is None else ref_head.bias.detach(),
+        logit_scale_p=policy_head.logit_scale,
+        logit_scale_q=ref_head.logit_scale,
+        softcap_p=policy_head.softcap,
+        softcap_q=ref_head.softcap,
+    )
+
+
+def token_kl_from_hidden(
+    policy_hidden: torch.Tensor,
+    policy_head: HeadParams,
+    ref_hidden: torch.Tensor,
+    ref_head: HeadParams,
+    *,
+    temperature: float,
+    mask: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Exact per-token KL(p_n || q_n) [B, C] from the two models' completion hidden states and LM heads
+    (``trl_rb.kl.linear_token_kl``).
+
+    Args:
+        policy_hidden: [B, C, H_p] policy hidden states, completion-aligned; gradients flow into them and into
+            ``policy_head``'s weight (and bias).
+        ref_hidden: [B, C, H_q] reference hidden states; the reference side is detached (it is a constant).
+        temperature: the sampling temperature (trl's ``args.temperature``).
+        mask: optional [B, C]; only positions where it is 1 are computed, the others are exactly 0.
+        chunk_size: positions per chunk (default: ``linear_token_kl``'s).
+
+    Returns:
+        [B, C] float32 (float64 for float64 inputs).
+    """
+    keep = None if mask is None else mask.bool()
+    hp, hq = (policy_hidden, ref_hidden) if keep is None else (policy_hidden[keep], ref_hidden[keep])
+    with gathered_heads(policy_head, ref_head) as (policy_head, ref_head):
+        k = linear_token_kl(
+            hp,
+            policy_head.weight,
+            hq.detach(),
+            ref_head.weight.detach(),
+            temperature=temperature,
+            chunk_size=chunk_size,
+            **_head_kwargs(policy_head, ref_head),
+        )
+    if keep is None:
+        return k
+    # only real tokens are computed (padding costs nothing); padding is exactly 0
+    return k.new_zeros(keep.shape).masked_scatter(keep, k)
+
+
+def weighted_kl_sum_from_hidden(
+    policy_hidden: torch.Tensor,
+    policy_head: HeadParams,
+    ref_hidden: torch.Tensor,
+    ref_head: HeadParams,
+    weights: torch.Tensor,
+    *,
+    temperature: float,
+    chunk_size: int | None = None,
+    return_token_kl: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """sum_{b,n} weights[b, n] * KL(p_{b,n} || q_{b,n}): a scalar loss term with gradient through the policy only
+    (``trl_rb.kl.linear_weighted_kl_sum``: the gradient is computed in the forward pass, the weights being known).
+
+    Args:
+        policy_hidden: [B, C, H_p] completion-aligned policy hidden states (gradients flow into them and into the
+            policy head's weight and bias).
+        ref_hidden: [B, C, H_q] reference hidden states (constant).
+        weights: [B, C] constant weights, e.g. beta * mask / B; positions with weight 0 are skipped entirely (so
+            padding costs nothing and its hidden states never matter).
+        temperature: the sampling temperature.
+        chunk_size: positions per chunk (default: ``linear_weighted_kl_sum``'s).
+        return_token_kl: also return the per-token KL [B, C] (detached; 0 where the weight is 0) from the same pass.
+
+    Returns:
+        0-d float32 tensor (float64 for float64 inputs), whose value and gradient equal those of
+        ``(weights * token_kl_from_hidden(...)).sum()``; with ``return_token_kl``, the pair (sum, per-token KL).
+    """
+    with gathered_heads(policy_head, ref_head) as (policy_head, ref_head):
+        return linear_weighted_kl_sum(
+            policy_hidden,
+            policy_head.weight,
+            ref_hidden.detach(),
+            ref_head.weight.detach(),
+            weights,
+            temperature=temperature,
+            chunk_size=chunk_size,
+            return_token_kl=return_token_kl,
+            **_head_kwargs(policy_head, ref_head),
+        )
+
+
+def k3_per_token(log_ratio: torch.Tensor) -> torch.Tensor:
+    """Schulman's k3 term exp(-r) - 1 + r (>= 0) of per-token log ratios r = log p - log q, any shape."""
+    return torch.expm1(-log_ratio) + log_ratio
+
+
+def reference_head(trainer: Any) -> HeadParams:
+    """The reference's LM head: ``trainer.ref_model``'s, or, without one (PEFT policy, adapters disabled), the policy
+    model's base head: the original under a ``modules_to_save`` copy (head_params refuses a LoRA'd head).
+
+    The tensors are live parameters (a detached ZeRO-3 partition would stay empty when gathered); the KL functions
+    here treat the reference side as a constant."""
+    ref_model = getattr(trainer, "ref_model", None)
+    if ref_model is not None:
+        return head_params(ref_model)
+    return head_params(trainer.model, base=True)
+
+
+def _check_fsdp_version(trainer: Any) -> None:
+    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
+    if getattr(trainer, "is_fsdp_enabled", False) and plugin is not None and getattr(plugin, "fsdp_version", 1) != 2:
+        # FSDP1 flattens parameters: outside a forward the head's weight is a view into this rank's flat shard.
+        raise ValueError(
+            "FSDP1 (fsdp_version=1) shards the LM head into flat parameters the exact KL cannot read outside the "
+            "model's forward. Use FSDP2 (fsdp_config={'fsdp_version': 2}) or DeepSpeed ZeRO-3, or kl_estimator='k1' "
+            "with rb_kl_metric=False."
+        )
+
+
+def rb_heads_available(trainer: Any, *, required: bool) -> bool:
+    """Whether both LM heads can give the exact per-token KL (checked at construction, not at the first step).
+
+    Raises the heads' ValueError when ``required`` (``rb``); otherwise warns once and returns False, so a ``k1`` /
+    ``k3`` run skips the ``kl/rb`` metric instead of failing.
+    """
+    try:
+        _check_fsdp_version(trainer)
+        head_params(trainer.model)
+        reference_head(trainer)
+    except ValueError as err:
+        if required:
+            raise
+        warnings.warn(f"kl/rb will not be logged: {err}", stacklevel=3)
+        return False
+    return True
