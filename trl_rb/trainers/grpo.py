@@ -56,7 +56,7 @@ from .heads import head_params
 from .metrics import log_sequence_metrics, masked_sequence_sum
 from .reference import load_reference_model, prepare_reference_model, trl_without_reference
 from .sampling import check_rb_sampling
-from .token_kl import rb_heads_available, reference_head, token_kl_from_hidden, weighted_kl_sum_from_hidden
+from .token_kl import logs_rb_metric, reference_head, token_kl_from_hidden, weighted_kl_sum_from_hidden
 
 __all__ = ["GRPO_KL_ESTIMATORS", "GRPOConfig", "GRPOTrainer", "reduce_like_loss_type"]
 
@@ -261,9 +261,7 @@ class GRPOTrainer(HiddenCaptureMixin, trl.GRPOTrainer):
         else:
             super().__init__(model, reward_funcs, args, *pos_args, **kwargs)
         self.kl_estimator = estimator
-        self._rb_metric = self.beta != 0.0 and (estimator == "rb" or getattr(self.args, "rb_kl_metric", True))
-        if self._rb_metric:
-            self._rb_metric = rb_heads_available(self, required=estimator == "rb")
+        self._rb_metric = logs_rb_metric(self, estimator)
 
     # ---------------------------------------------------------------------------------------------------------------
     # Scoring: carry the reference's completion hidden states; k1 goes into the advantages.

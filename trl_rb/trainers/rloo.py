@@ -40,7 +40,7 @@ from .reference import load_reference_model, prepare_reference_model, trl_withou
 from .sampling import check_rb_sampling
 from .token_kl import (
     k3_per_token,
-    rb_heads_available,
+    logs_rb_metric,
     reference_head,
     token_kl_from_hidden,
     weighted_kl_sum_from_hidden,
@@ -223,8 +223,7 @@ class RLOOTrainer(HiddenCaptureMixin, trl.RLOOTrainer):
                 quantization_config=quantization_config,
             )
             self.ref_model = prepare_reference_model(self, loaded)
-        wanted = self.beta != 0.0 and (self.kl_estimator == "rb" or getattr(self.args, "rb_kl_metric", True))
-        self._rb_metric = wanted and rb_heads_available(self, required=self.kl_estimator == "rb")
+        self._rb_metric = logs_rb_metric(self, self.kl_estimator)
 
     # ---------------------------------------------------------------------------------------------------------------
     # Scoring: the reference call's log-probs become old - (per-token estimate), so trl's penalty is the estimate.

@@ -17,7 +17,7 @@ from .heads import HeadParams, gathered_heads, head_params
 
 __all__ = [
     "k3_per_token",
-    "rb_heads_available",
+    "logs_rb_metric",
     "reference_head",
     "token_kl_from_hidden",
     "weighted_kl_sum_from_hidden",
@@ -148,12 +148,15 @@ def _check_fsdp_version(trainer: Any) -> None:
         )
 
 
-def rb_heads_available(trainer: Any, *, required: bool) -> bool:
-    """Whether both LM heads can give the exact per-token KL (checked at construction, not at the first step).
+def logs_rb_metric(trainer: Any, estimator: str) -> bool:
+    """Whether the trainer computes K_n and logs ``kl/rb`` (checked at construction, not at the first step).
 
-    Raises the heads' ValueError when ``required`` (``rb``); otherwise warns once and returns False, so a ``k1`` /
-    ``k3`` run skips the ``kl/rb`` metric instead of failing.
+    Only with ``beta != 0``: always for ``rb``, for ``k1`` / ``k3`` unless ``args.rb_kl_metric`` is False. Where the
+    heads cannot give K_n, ``rb`` raises the heads' ValueError; ``k1`` / ``k3`` warn once and skip the metric.
     """
+    required = estimator == "rb"
+    if trainer.beta == 0.0 or not (required or getattr(trainer.args, "rb_kl_metric", True)):
+        return False
     try:
         _check_fsdp_version(trainer)
         head_params(trainer.model)
