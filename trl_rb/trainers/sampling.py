@@ -180,7 +180,9 @@ CONFIG_SAMPLING_FIELDS: tuple[str, ...] = ("top_k", "top_p", "min_p", "repetitio
 CONFIG_GUIDED_FIELDS: tuple[str, ...] = ("vllm_structured_outputs_regex", "vllm_guided_decoding_regex")
 
 
-def check_rb_sampling(args: Any, estimator: str) -> None:
+def check_rb_sampling(
+    args: Any, estimator: str, *, setting: str = "kl_estimator='rb'", fallback: str = "kl_estimator='k1'"
+) -> None:
     """Refuse any sampling setting under which trl does not draw completions from softmax(logits / temperature).
 
     The rule: ``kl_estimator='rb'`` computes, at every completion position, the exact KL between the full next-token
@@ -212,6 +214,9 @@ def check_rb_sampling(args: Any, estimator: str) -> None:
 
     ``kl_estimator`` ``'k1'`` and ``'k3'`` score the sampled tokens with trl's own log-probabilities and stay valid
     under any sampler: for any estimator other than ``'rb'`` this returns at once.
+
+    ``setting`` and ``fallback`` name, in the message, the option that asked for the RB KL and the one that does not
+    need it (the distillation trainer passes its ``kl_gradient`` values).
 
     Raises:
         ValueError: naming every offending setting with its value and the fix, in one message.
@@ -257,9 +262,9 @@ def check_rb_sampling(args: Any, estimator: str) -> None:
 
     if problems:
         raise ValueError(
-            "kl_estimator='rb' computes the exact KL of the full next-token distributions softmax(logits / "
+            f"{setting} computes the exact KL of the full next-token distributions softmax(logits / "
             "temperature), so the completions must be sampled from exactly those distributions, but "
-            f"{'; '.join(problems)}. Change those settings, or use kl_estimator='k1'."
+            f"{'; '.join(problems)}. Change those settings, or use {fallback}."
         )
 
 

@@ -1,0 +1,219 @@
+"""On-policy distillation with the RB gradient: ``DistillationConfig`` / ``DistillationTrainer``, drop-ins for trl 1.16's.
+
+trl's ``DistillationTrainer`` (``beta=1.0``) samples completions from the student and minimises sum_t D_t, the
+full-vocabulary reverse KL of each next-token distribution, differentiated with the completions held fixed. That
+is the pathwise half of the gradient of the sequence-level KL(student || teacher); the score-function half, how each
+token changes the later tokens' divergences, is missing, so its mean gradient is not the gradient of its own objective
+(measured: ``tests/test_distillation.py``). ``kl_gradient="rb"`` adds it: the loss becomes the RB surrogate of
+``distillation_loss`` with a constant normalization, an unbiased gradient of the sequence-level reverse KL.
+
+How the hook works (no trl code is copied): trl's ``_compute_loss`` computes both models' completion-aligned hidden
+states (one forward each, the student's inside its engine wrapper) and hands them, with the heads, the mask and the
+logit transforms, to the module function ``_chunked_divergence_loss``. For the duration of each loss call that
+function is swapped for a closure over the batch that computes D_t, l_t and log q_t(y_t) with trl's kernels
+(``distillation_loss.reverse_kl_terms``) and returns the chosen loss; nothing else of trl's step changes. The extra
+work over trl's loss is one student head product forward (l_t; plus its backward for ``rb``) and one teacher head
+product forward (log q_t(y_t), for ``kl/k1``), all on the completion positions only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import trl
+from trl.trainer import distillation_trainer as trl_distillation_trainer
+
+from .distillation_loss import KL_GRADIENTS, REVERSE_KL, DistillationTerms, distillation_loss, reverse_kl_terms
+from .heads import HeadParams
+from .metrics import log_sequence_metrics
+from .sampling import check_rb_sampling
+from .token_kl import _check_fsdp_version
+
+__all__ = ["KL_GRADIENTS", "DistillationConfig", "DistillationTrainer"]
+
+NUM_SEQUENCES_KEY = "trl_rb_num_sequences"
+"""Batch key: the number of completions in the generation batch over all processes (0-d tensor)."""
+
+
+def _canonical_gradient(value: Any) -> str:
+    name = str(value).lower()
+    if name not in KL_GRADIENTS:
+        raise ValueError(f"kl_gradient={value!r} is not one of {KL_GRADIENTS} ('rb': unbiased; 'pathwise': trl's).")
+    return name
+
+
+@dataclass
+class DistillationConfig(trl.DistillationConfig):
+    r"""
+    Configuration class for [`trl_rb.DistillationTrainer`]: every field of [`trl.DistillationConfig`], plus the choice
+    of gradient.
+
+    Parameters:
+        kl_gradient (`str`, *optional*, defaults to `"rb"`):
+            Which gradient of the sequence-level reverse KL(student || teacher) trains the student
+            (case-insensitive). With D_t the exact KL of the two next-token distributions at `temperature` and
+            l_t the student's log-prob of its sampled token:
+
+            - `"pathwise"`: trl's loss, unchanged: sum_t D_t over the batch's completion tokens divided by their
+              count (trl's `num_items_in_batch`), differentiated with the completions held fixed. Its mean gradient
+              is not a multiple of grad KL (the score-function half is missing), and the token-count normalization
+              weights the batch by a random denominator. Any `beta` (trl's JSD family) is allowed.
+            - `"rb"` (the default): the RB surrogate sum_t [D_t + (l_t - sg l_t) * sg(sum_{m>t} D_m)], divided by
+              the constant (number of completions in the generation batch) * `max_completion_length` (or by the
+              number of completions when `max_completion_length` is None). Its mean gradient is exactly
+              grad KL(student || teacher) / `max_completion_length`, unbiased, and the loss value stays on trl's
+              per-token scale (equal to it when every completion reaches the maximum length), so learning rates
+              carry over. Dividing by the token count instead would estimate grad KL / E[length] only as a ratio
+              estimator (biased for a finite batch), and a per-sequence mean of token means weights sequences by
+              1 / length (no multiple of grad KL): neither is offered. Requires `beta=1.0` (reverse KL) and
+              sampling from softmax(logits / `temperature`) over the full vocabulary (`top_k=0`, `top_p=1.0`,
+              `min_p=None`, `repetition_penalty=1.0`, no guided decoding, `generation_kwargs` that keep the
+              distribution): the surrogate is unbiased only for that sampler. Anything else raises a `ValueError`.
+
+            The default is `"rb"` because it is the gradient of the objective trl states (at trl's defaults,
+            which pass every check); `"pathwise"` reproduces trl. Both log `kl/rb` (sum_t D_t per completion, mean)
+            and `kl/k1` (sum_t log p_t(y_t) / q_t(y_t), mean) when `beta=1.0`.
+    """
+
+    kl_gradient: str = field(
+        default="rb",
+        metadata={
+            "help": "Gradient of the sequence-level reverse KL: 'rb' (default): the RB surrogate, unbiased, needs "
+            "beta=1.0 and untruncated sampling; 'pathwise': trl's loss with the completions held fixed."
+        },
+    )
+
+    def __post_init__(self):
+        self.kl_gradient = _canonical_gradient(self.kl_gradient)
+        super().__post_init__()
+
+
+def check_rb_distillation(args: Any) -> None:
+    """Refuse settings under which the RB surrogate would not be an unbiased gradient of KL(student || teacher)."""
+    if args.beta != REVERSE_KL:
+        raise ValueError(
+            f"kl_gradient='rb' is the gradient of the reverse KL(student || teacher), but beta={args.beta!r} selects "
+            "a different divergence (0.0: forward KL, in between: a JSD). Set beta=1.0, or use kl_gradient='pathwise'."
+        )
+    check_rb_sampling(args, "rb", setting="kl_gradient='rb'", fallback="kl_gradient='pathwise'")
+
+
+@contextmanager
+def _trl_loss_replaced_by(loss_fn: Any) -> Iterator[None]:
+    """trl's ``_compute_loss`` calls the module function ``_chunked_divergence_loss`` with everything the loss needs;
+    this makes that call reach ``loss_fn`` for the duration of the block."""
+    original = trl_distillation_trainer._chunked_divergence_loss
+    trl_distillation_trainer._chunked_divergence_loss = loss_fn
+    try:
+        yield
+    finally:
+        trl_distillation_trainer._chunked_divergence_loss = original
+
+
+class DistillationTrainer(trl.DistillationTrainer):
+    """trl's ``DistillationTrainer`` with ``kl_gradient`` (see [`DistillationConfig`]) and ``kl/rb``, ``kl/k1`` metrics.
+
+    Constructor arguments are trl's. ``args`` may be a plain ``trl.DistillationConfig`` (``kl_gradient`` then
+    defaults to ``"rb"``).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        teacher_model: Any = None,
+        args: trl.DistillationConfig | None = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        processing_class: Any = None,
+        callbacks: Any = None,
+        optimizers: tuple[Any, Any] = (None, None),
+        quantization_config: Any = None,
+        peft_config: Any = None,
+        tools: Any = None,
+    ):
+        if args is None:
+            from trl.trainer.utils import get_config_model_id
+
+            name = model if isinstance(model, str) else get_config_model_id(model.config)
+            args = DistillationConfig(f"{name.split('/')[-1]}-Distillation")
+        self.kl_gradient = _canonical_gradient(getattr(args, "kl_gradient", "rb"))
+        if self.kl_gradient == "rb":
+            check_rb_distillation(args)
+        if not hasattr(trl_distillation_trainer, "_chunked_divergence_loss"):
+            raise ValueError(
+                f"trl {trl.__version__} has no trl.trainer.distillation_trainer._chunked_divergence_loss, the loss "
+                "function trl_rb.DistillationTrainer replaces; trl-rb supports trl 1.16."
+            )
+        super().__init__(
+            model, teacher_model, args, train_dataset, eval_dataset, processing_class, callbacks, optimizers,
+            quantization_config, peft_config, tools,
+        )  # fmt: skip
+        self._replaces_loss = self.beta == REVERSE_KL
+        if self._replaces_loss:
+            _check_fsdp_version(self)
+
+    def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+        output = super()._generate_and_score_completions(inputs)
+        local = torch.tensor(output["completion_ids"].shape[0], device=self.accelerator.device)
+        output[NUM_SEQUENCES_KEY] = self.accelerator.gather(local).sum()  # 0-d: kept whole when the batch is split
+        return output
+
+    def _normalizer(
+        self, inputs: dict[str, Any], terms: DistillationTerms, num_items_in_batch: Any
+    ) -> torch.Tensor | float:
+        """What the summed per-token loss is divided by (the loss of each process; DDP then averages processes)."""
+        if self.kl_gradient == "pathwise":  # trl's reduction
+            if num_items_in_batch is None:
+                return terms.mask.sum().clamp(min=1)
+            return num_items_in_batch
+        length = self.args.max_completion_length or 1
+        if self.model.training:  # the generation batch spans the accumulation steps and the processes
+            return float(inputs[NUM_SEQUENCES_KEY]) * length / self.accelerator.num_processes
+        return terms.mask.shape[0] * length
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not self._replaces_loss:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        recorded: list[DistillationTerms] = []
+
+        def loss_fn(
+            student_hidden_states: torch.Tensor,
+            teacher_hidden_states: torch.Tensor,
+            student_lm_head_weight: torch.Tensor,
+            teacher_lm_head_weight: torch.Tensor,
+            completion_mask: torch.Tensor,
+            beta: float,
+            num_items_in_batch: Any = None,
+            student_lm_head_bias: torch.Tensor | None = None,
+            teacher_lm_head_bias: torch.Tensor | None = None,
+            student_logit_scale: float = 1.0,
+            teacher_logit_scale: float = 1.0,
+            student_final_logit_softcapping: float | None = None,
+            teacher_final_logit_softcapping: float | None = None,
+            temperature: float = 1.0,
+        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            terms = reverse_kl_terms(
+                student_hidden_states,
+                HeadParams(student_lm_head_weight, student_lm_head_bias, student_logit_scale, student_final_logit_softcapping),
+                teacher_hidden_states,
+                HeadParams(teacher_lm_head_weight, teacher_lm_head_bias, teacher_logit_scale, teacher_final_logit_softcapping),
+                inputs["completion_ids"].to(completion_mask.device),
+                completion_mask,
+                temperature=temperature,
+                logprob_grad=self.kl_gradient == "rb",
+            )  # fmt: skip
+            recorded.append(terms)
+            loss = distillation_loss(terms, self.kl_gradient, self._normalizer(inputs, terms, num_items_in_batch))
+            return loss, terms.entropy.sum(), terms.mask.sum()
+
+        with _trl_loss_replaced_by(loss_fn):
+            out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        # after trl's forward redirection returns: the gather is collective (trl logs its entropy the same way)
+        (terms,) = recorded
+        mode = "train" if self.model.training else "eval"
+        log_sequence_metrics(self, mode, {"kl/rb": terms.sequence_kl(), "kl/k1": terms.sequence_log_ratio()})
+        return out
