@@ -158,7 +158,7 @@ def test_pathwise_is_trls_loss(tmp_path):
     inputs = generation_batch(ours, 32, seed=2)
     inputs_trl = {k: v for k, v in inputs.items() if k != "trl_rb_num_sequences"}
     stock.model.train()
-    for name, a, b in zip(*zip(*ours.model.named_parameters()), stock.model.parameters(), strict=True):
+    for (name, a), b in zip(ours.model.named_parameters(), stock.model.parameters(), strict=True):
         assert torch.equal(a, b), name
     params_ours = [p for p in ours.model.parameters() if p.requires_grad]
     params_trl = [p for p in stock.model.parameters() if p.requires_grad]
@@ -166,7 +166,9 @@ def test_pathwise_is_trls_loss(tmp_path):
     loss_ours = ours.compute_loss(ours.model, inputs, num_items_in_batch=num)
     loss_trl = stock.compute_loss(stock.model, inputs_trl, num_items_in_batch=num)
     assert float(loss_ours.detach()) == pytest.approx(float(loss_trl.detach()), rel=1e-10)
-    torch.testing.assert_close(flat_grads(loss_ours, params_ours), flat_grads(loss_trl, params_trl), rtol=1e-8, atol=1e-12)
+    torch.testing.assert_close(
+        flat_grads(loss_ours, params_ours), flat_grads(loss_trl, params_trl), rtol=1e-8, atol=1e-12
+    )
     assert "kl/rb" in ours._metrics["train"] and "kl/rb" not in stock._metrics["train"]
 
 
@@ -175,7 +177,9 @@ def test_pathwise_is_trls_loss(tmp_path):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def distillation_gradient_study(kl_gradient: str, tmp_path, nb: int = NB, temperature: float = 1.0) -> dict[str, float]:
+def distillation_gradient_study(
+    kl_gradient: str, tmp_path, nb: int = NB, temperature: float = 1.0
+) -> dict[str, float]:
     trainer, student, teacher = make_distiller(kl_gradient, tmp_path, temperature=temperature)
     named = [(n, p) for n, p in trainer.model.named_parameters() if p.requires_grad]
     _, grads = exact_kl_and_grad(student, teacher, [0], max_new_tokens=MAX_LEN, eos_token_id=EOS,

@@ -44,6 +44,7 @@ def restore_trl():
 
 def test_patch_swaps_and_unpatch_restores(restore_trl):
     originals = (trl.GRPOTrainer, trl.GRPOConfig, trl.RLOOTrainer, trl.RLOOConfig)
+    distill_originals = (trl.DistillationTrainer, trl.DistillationConfig)
     trl_rb.patch_trl()
     trl_rb.patch_trl()  # idempotent
     from trl import GRPOConfig as PatchedConfig
@@ -54,9 +55,11 @@ def test_patch_swaps_and_unpatch_restores(restore_trl):
     assert (trl.GRPOTrainer, trl.GRPOConfig, trl.RLOOTrainer, trl.RLOOConfig) == (GRPOTrainer, GRPOConfig, RLOOTrainer,
                                                                                RLOOConfig)  # fmt: skip
     assert PatchedConfig is GRPOConfig and PatchedRLOO is RLOOTrainer and patched_kl is compute_kl
+    assert trl.DistillationTrainer is trl_rb.DistillationTrainer and trl.DistillationConfig is trl_rb.DistillationConfig
     trl_rb.unpatch_trl()
     trl_rb.unpatch_trl()  # a no-op
     assert (trl.GRPOTrainer, trl.GRPOConfig, trl.RLOOTrainer, trl.RLOOConfig) == originals
+    assert trl.DistillationTrainer is distill_originals[0] and trl.DistillationConfig is distill_originals[1]
     import trl.trainer.utils as utils
 
     assert not hasattr(utils, "compute_kl") and not trl_rb.is_trl_patched()
@@ -128,3 +131,31 @@ def test_trl_rb_grpo_rloo_cli_with_trl_flags(tmp_path, script, extra):
         assert "model.safetensors" in saved
     assert state is None or state["global_step"] == 2
     assert "kl/rb" in proc.stdout + proc.stderr  # trl's logger prints the metrics dict of every step
+
+
+@pytest.mark.slow
+def test_trl_rb_distill_cli_with_trl_flags(tmp_path):
+    """trl's `trl distillation` command line (student and teacher folders, a local dataset) trains with trl-rb's
+    DistillationTrainer (kl_gradient='rb' by default) and logs kl/rb; an rb-incompatible flag exits 2 with the fix."""
+    from test_rloo import build_lm
+
+    student, teacher = build_lm(tmp_path / "student", seed=1), build_lm(tmp_path / "teacher", seed=0)
+    data = tmp_path / "prompts"
+    data.mkdir()
+    (data / "train.jsonl").write_text("".join(json.dumps({"prompt": f"w{i + 5} w{i + 6}"}) + "\n" for i in range(16)))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "trl_rb.cli", "distill", "--model_name_or_path", student,
+           "--teacher_model_name_or_path", teacher, "--dataset_name", str(data), "--output_dir", str(out),
+           "--max_steps", "2", "--logging_steps", "1", "--per_device_train_batch_size", "8",
+           "--max_completion_length", "6", "--use_cpu", "true", "--bf16", "false", "--report_to", "none",
+           "--save_strategy", "no", "--disable_tqdm", "true"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "model.safetensors" in {p.name for p in out.iterdir()}
+    assert "kl/rb" in proc.stdout + proc.stderr and "kl/k1" in proc.stdout + proc.stderr
+
+    refused = subprocess.run([*cmd, "--top_k", "5"], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert refused.returncode == 2
+    assert "trl-rb distill: kl_gradient='rb'" in refused.stderr and "top_k=5" in refused.stderr
+    assert "kl_gradient='pathwise'" in refused.stderr

@@ -1,4 +1,4 @@
-"""trl-rb: Rao-Blackwellized KL estimators for language models, in trl's RLOO and GRPO trainers.
+"""trl-rb: Rao-Blackwellized KL estimators for language models, in trl's RLOO, GRPO and distillation trainers.
 
 The estimator math (``trl_rb.kl``) imports only torch; the trainers and tools import trl and transformers lazily,
 on first access, so ``import trl_rb`` stays light.
@@ -34,6 +34,8 @@ _LAZY = {
     "RLOOTrainer": "trl_rb.trainers.rloo",
     "GRPOConfig": "trl_rb.trainers.grpo",
     "GRPOTrainer": "trl_rb.trainers.grpo",
+    "DistillationConfig": "trl_rb.trainers.distillation",
+    "DistillationTrainer": "trl_rb.trainers.distillation",
     "estimate_kl": "trl_rb.estimate.api",
     "EstimateResult": "trl_rb.estimate.api",
     "build_review_lm": "trl_rb.sentiment.review_lm",

@@ -13,6 +13,10 @@ import sys
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "grpo": ("trl_rb.trainers.scripts:grpo_main", "trl's `trl grpo` script and flags, with trl-rb's GRPOTrainer"),
     "rloo": ("trl_rb.trainers.scripts:rloo_main", "trl's `trl rloo` script and flags, with trl-rb's RLOOTrainer"),
+    "distill": (
+        "trl_rb.trainers.scripts:distill_main",
+        "trl's `trl distillation` script and flags, with trl-rb's DistillationTrainer (--kl_gradient rb|pathwise)",
+    ),
     "estimate": ("trl_rb.estimate.cli", "KL(p || q) between two language models with every estimator, side by side"),
     "prepare-imdb": ("trl_rb.sentiment.data", "turn a local IMDB copy into imdb-train.jsonl / imdb-test.jsonl prompt files"),
     "sweep": ("trl_rb.sentiment.sweep", "run methods x KL coefficients x seeds of the sentiment experiment, resumable"),

@@ -90,6 +90,8 @@ class DistillationConfig(trl.DistillationConfig):
     def __post_init__(self):
         self.kl_gradient = _canonical_gradient(self.kl_gradient)
         super().__post_init__()
+        if self.kl_gradient == "rb":  # here too (not only in the trainer), so trl's CLI parser reports it
+            check_rb_distillation(self)
 
 
 def check_rb_distillation(args: Any) -> None:

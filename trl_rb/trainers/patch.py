@@ -1,9 +1,11 @@
 """``patch_trl()``: make an unmodified trl script train with trl-rb's trainers (the way Liger-Kernel's
 ``apply_liger_kernel_to_*`` swaps modules in place).
 
-After ``trl_rb.patch_trl()``, ``trl.GRPOTrainer``, ``trl.GRPOConfig``, ``trl.RLOOTrainer`` and ``trl.RLOOConfig``
+After ``trl_rb.patch_trl()``, ``trl.GRPOTrainer``, ``trl.GRPOConfig``, ``trl.RLOOTrainer``, ``trl.RLOOConfig``,
+``trl.DistillationTrainer`` and ``trl.DistillationConfig``
 (attribute access, and any later ``from trl import ...``, also through ``trl.trainer``) are trl-rb's subclasses, so
-the RB KL (trl-rb's default estimator) applies as soon as the script sets a ``beta``; ``trl.trainer.utils.compute_kl``
+the RB KL (trl-rb's default estimator) applies as soon as the script sets a ``beta`` (and distillation trains with the
+RB gradient, ``kl_gradient="rb"``); ``trl.trainer.utils.compute_kl``
 is ``trl_rb.compute_kl`` (the research fork's function). ``unpatch_trl()`` restores trl exactly. A script that
 already ran ``from trl import GRPOTrainer`` before the patch keeps the class it imported: patch first. Without editing
 the script: ``trl-rb run script.py [args...]``.
@@ -28,6 +30,8 @@ _REPLACEMENTS: dict[tuple[str, str], tuple[str, str]] = {
             ("GRPOConfig", "grpo"),
             ("RLOOTrainer", "rloo"),
             ("RLOOConfig", "rloo"),
+            ("DistillationTrainer", "distillation"),
+            ("DistillationConfig", "distillation"),
         )
     },
     ("trl.trainer.utils", "compute_kl"): ("trl_rb.kl", "compute_kl"),
@@ -46,7 +50,7 @@ def is_trl_patched() -> bool:
 
 
 def patch_trl() -> None:
-    """Swap trl's GRPO / RLOO trainers and configs (and ``trl.trainer.utils.compute_kl``) for trl-rb's. Idempotent."""
+    """Swap trl's GRPO / RLOO / distillation trainers and configs (and ``trl.trainer.utils.compute_kl``) for trl-rb's. Idempotent."""
     if _ORIGINALS:
         return
     replacements = {key: getattr(_module(mod), attr) for key, (mod, attr) in _REPLACEMENTS.items()}

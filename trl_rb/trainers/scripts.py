@@ -1,9 +1,11 @@
-"""``trl-rb grpo`` / ``trl-rb rloo``: trl's own ``trl grpo`` / ``trl rloo`` scripts, run with trl-rb's trainers.
+"""``trl-rb grpo`` / ``rloo`` / ``distill``: trl's own ``trl grpo`` / ``rloo`` / ``distillation`` scripts, run with
+trl-rb's trainers.
 
-The command lines are trl 1.16's (``trl/scripts/grpo.py``, ``rloo.py``: ``ScriptArguments``, ``ModelConfig``,
+The command lines are trl 1.16's (``trl/scripts/grpo.py``, ``rloo.py``, ``distillation.py``: ``ScriptArguments``, ``ModelConfig``,
 ``DatasetMixtureConfig``, ``--config recipe.yaml``, ``--reward_funcs`` by name or import path,
 ``--reward_model_name_or_path``, ``--use_peft`` and the ``--lora_*`` flags, local folders for ``--model_name_or_path``
-and ``--dataset_name``), plus trl-rb's config fields (``--kl_estimator``, and ``--stepwise`` for RLOO). Nothing of the
+and ``--dataset_name``), plus trl-rb's config fields (``--kl_estimator``, ``--stepwise`` for RLOO, ``--kl_gradient`` for distillation,
+whose script also takes ``--teacher_model_name_or_path``). Nothing of the
 scripts is copied: ``trl_rb.patch_trl()`` makes the ``from trl import GRPOConfig, GRPOTrainer`` inside them resolve
 to trl-rb's classes, then trl's ``make_parser`` and ``main`` run as they are.
 """
@@ -15,20 +17,22 @@ import sys
 
 from .patch import patch_trl
 
-SCRIPTS = ("grpo", "rloo")
+SCRIPTS = ("grpo", "rloo", "distillation")
 
 
-def run(name: str, argv: list[str]) -> int:
-    """Parse ``argv`` with trl's parser for script ``name`` (with trl-rb's config) and run trl's ``main``."""
+def run(name: str, argv: list[str], command: str | None = None) -> int:
+    """Parse ``argv`` with trl's parser for script ``name`` (with trl-rb's config) and run trl's ``main``; ``command``
+    is the ``trl-rb`` subcommand shown in messages (default: ``name``)."""
+    command = command or name
     if name not in SCRIPTS:
         raise ValueError(f"Unknown trl script {name!r}; trl-rb wraps {', '.join(SCRIPTS)}.")
     patch_trl()
     script = importlib.import_module(f"trl.scripts.{name}")
-    parser = script.make_parser(prog=f"trl-rb {name}")
+    parser = script.make_parser(prog=f"trl-rb {command}")
     try:
         parsed = parser.parse_args_and_config(args=argv, fail_with_unknown_args=False)
-    except ValueError as err:  # trl_rb's config refusals (a contradictory kl_estimator / stepwise, ...)
-        print(f"trl-rb {name}: {err}", file=sys.stderr)
+    except ValueError as err:  # trl_rb's config refusals (a contradictory kl_estimator / stepwise / kl_gradient, ...)
+        print(f"trl-rb {command}: {err}", file=sys.stderr)
         return 2
     script.main(*parsed)
     return 0
@@ -40,3 +44,7 @@ def grpo_main(argv: list[str]) -> int:
 
 def rloo_main(argv: list[str]) -> int:
     return run("rloo", argv)
+
+
+def distill_main(argv: list[str]) -> int:
+    return run("distillation", argv, command="distill")
