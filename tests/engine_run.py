@@ -32,16 +32,12 @@ def low_words_reward(completion_ids, **_):
     return [sum(3 <= t < 23 for t in ids) / max(len(ids), 1) for ids in completion_ids]
 
 
-def build_trainer(opts: argparse.Namespace):
-    import trl_rb
-
-    common = dict(
+def engine_settings(opts: argparse.Namespace) -> dict:
+    """Config fields every trainer here shares: the schedule, CPU, determinism and the engine."""
+    return dict(
         output_dir=opts.out,
         per_device_train_batch_size=4,
-        num_generations=4,
         max_completion_length=6,
-        beta=0.2,
-        kl_estimator=opts.estimator,
         learning_rate=opts.lr,
         max_steps=opts.steps,
         logging_steps=1,
@@ -53,6 +49,28 @@ def build_trainer(opts: argparse.Namespace):
         seed=opts.seed,
         temperature=opts.temperature,
         deepspeed=None if opts.engine == "ddp" else deepspeed_config(int(opts.engine[-1])),
+    )
+
+
+def build_distiller(opts: argparse.Namespace):
+    """Distil the teacher folder into the student (--model): --estimator is the kl_gradient, 'rb' or 'pathwise'."""
+    import trl_rb
+
+    args = trl_rb.DistillationConfig(**engine_settings(opts), kl_gradient=opts.estimator)
+    prompts = Dataset.from_dict({"prompt": [f"w{i + 5} w{i + 6}" for i in range(32)]})
+    return trl_rb.DistillationTrainer(opts.model, opts.teacher, args=args, train_dataset=prompts)
+
+
+def build_trainer(opts: argparse.Namespace):
+    import trl_rb
+
+    if opts.trainer == "distill":
+        return build_distiller(opts)
+    common = dict(
+        **engine_settings(opts),
+        num_generations=4,
+        beta=0.2,
+        kl_estimator=opts.estimator,
     )
     if opts.trainer == "grpo":
         config_cls, trainer_cls = trl_rb.GRPOConfig, trl_rb.GRPOTrainer
@@ -72,10 +90,11 @@ def build_trainer(opts: argparse.Namespace):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--trainer", choices=("grpo", "rloo"), required=True)
-    parser.add_argument("--estimator", choices=("k1", "k3", "rb"), required=True)
+    parser.add_argument("--trainer", choices=("grpo", "rloo", "distill"), required=True)
+    parser.add_argument("--estimator", choices=("k1", "k3", "rb", "pathwise"), required=True)
     parser.add_argument("--engine", choices=ENGINES, required=True)
     parser.add_argument("--model", required=True)
+    parser.add_argument("--teacher", help="the teacher folder (--trainer distill)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--peft", action="store_true")
     parser.add_argument("--steps", type=int, default=3)

@@ -98,8 +98,12 @@ def reverse_kl_terms(
     h_t = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])[valid]
     targets = completion_ids.reshape(-1)[valid]
     with gathered_heads(student_head, teacher_head) as (s, t):
-        t_weight = t.weight.detach().to(h_t.dtype)  # trl's cast: an FSDP2 master copy can be float32 under bf16
-        t_bias = None if t.bias is None else t.bias.detach()
+        # The teacher's tensors go in as they are (trl's kernels give them no gradient): a ZeRO-3 parameter must stay
+        # one, since the kernels' own gather reads its status. A whole FSDP2 copy is cast like trl does (its master
+        # copy can be float32 under bf16).
+        t_weight, t_bias = t.weight, t.bias
+        if not hasattr(t_weight, "ds_status") and t_weight.dtype != h_t.dtype:
+            t_weight = t_weight.to(h_t.dtype)
         divergence, entropy = ChunkedDivergenceFunction.apply(
             h_s, s.weight, s.bias, h_t, t_weight, t_bias, REVERSE_KL, temperature,
             s.logit_scale, s.softcap, t.logit_scale, t.softcap,
