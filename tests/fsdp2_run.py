@@ -4,7 +4,8 @@ Run by ``tests/test_fsdp2.py`` as ``torchrun --nproc_per_node 2 tests/fsdp2_run.
 batch: the policy's last hidden states are captured from its forward as the trainers capture them, and the weighted
 KL sum (``weighted_kl_sum_from_hidden``, whose heads go through ``gathered_heads``) is backpropagated. FSDP2 averages
 the gradients over the ranks; rank 0 writes the per-rank values and the full (gathered) gradients, and the same
-quantities computed by one process on unsharded copies of the same model, to OUT as a torch file. Two cases: a tied
+quantities computed by one process on unsharded copies of the same model, to OUT as a torch file. Two terms (the RL
+trainers' weighted KL sum; the distillation trainer's rb loss on trl's kernels), each in two cases: a tied
 head in the root group (unsharded right after the forward), and an untied head in a group of its own (still DTensor
 shards, made whole by ``full_tensor()``, whose backward must return the gradients to the shards).
 """
@@ -12,6 +13,7 @@ shards, made whole by ``full_tensor()``, whose backward must return the gradient
 from __future__ import annotations
 
 import copy
+import itertools
 import sys
 
 import torch
@@ -19,6 +21,7 @@ import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
+from trl_rb.trainers.distillation_loss import distillation_loss, reverse_kl_terms
 from trl_rb.trainers.heads import capture_last_hidden, completion_hidden, head_params
 from trl_rb.trainers.token_kl import weighted_kl_sum_from_hidden
 
@@ -43,20 +46,31 @@ def batch_of(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
-def kl_term(policy, reference, ids, mask) -> torch.Tensor:
+def hidden_pair(policy, reference, ids, mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both models' completion-aligned last hidden states, captured from their forwards as the trainers do."""
     with capture_last_hidden(policy) as captured:
         policy(input_ids=ids, attention_mask=mask)
     with torch.no_grad(), capture_last_hidden(reference) as ref_captured:
         reference(input_ids=ids, attention_mask=mask)
+    return completion_hidden(captured[0], COMPLETION), completion_hidden(ref_captured[0], COMPLETION)
+
+
+def kl_term(policy, reference, ids, mask) -> torch.Tensor:
+    """The RL trainers' rb term (``weighted_kl_sum_from_hidden``)."""
+    hp, hq = hidden_pair(policy, reference, ids, mask)
     weights = mask[:, -COMPLETION:].float() / BATCH
-    return weighted_kl_sum_from_hidden(
-        completion_hidden(captured[0], COMPLETION),
-        head_params(policy),
-        completion_hidden(ref_captured[0], COMPLETION),
-        head_params(reference),
-        weights,
-        temperature=0.7,
-    )
+    return weighted_kl_sum_from_hidden(hp, head_params(policy), hq, head_params(reference), weights, temperature=0.7)
+
+
+def distillation_term(policy, reference, ids, mask) -> torch.Tensor:
+    """The distillation trainer's rb loss (trl's kernels on heads made whole by ``gathered_heads``)."""
+    hp, hq = hidden_pair(policy, reference, ids, mask)
+    terms = reverse_kl_terms(hp, head_params(policy), hq, head_params(reference), ids[:, -COMPLETION:],
+                             mask[:, -COMPLETION:], temperature=0.7, logprob_grad=True)  # fmt: skip
+    return distillation_loss(terms, "rb", BATCH * COMPLETION)
+
+
+TERMS = {"rl": kl_term, "distillation": distillation_term}
 
 
 def full_grads(model) -> dict[str, torch.Tensor]:
@@ -81,11 +95,11 @@ def main(out: str) -> None:
     torch.set_num_threads(1)
     reference = tiny_lm(1).eval()
     results = {}
-    for tied in (True, False):
+    for (term_name, term), tied in itertools.product(TERMS.items(), (True, False)):
         policy = tiny_lm(0, tied=tied)
         unsharded = copy.deepcopy(policy)
         sharded(policy, head_group=not tied)
-        value = kl_term(policy, reference, *batch_of(rank))
+        value = term(policy, reference, *batch_of(rank))
         if not tied:
             assert isinstance(policy.lm_head.weight, DTensor)
         value.backward()
@@ -93,19 +107,19 @@ def main(out: str) -> None:
         dist.all_gather(values, value.detach())
         case = {"values": torch.stack(values), "grads": full_grads(policy)}  # collective: every rank gathers
         if rank == 0:
-            case["expected_values"], case["expected_grads"] = unsharded_reference(unsharded, reference, world)
-        results["tied head in the root group" if tied else "untied head in its own group"] = case
+            case["expected_values"], case["expected_grads"] = unsharded_reference(term, unsharded, reference, world)
+        results[f"{term_name}: " + ("tied head in the root group" if tied else "untied head in its own group")] = case
     if rank == 0:
         torch.save(results, out)
     dist.destroy_process_group()
 
 
-def unsharded_reference(policy, reference, world: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def unsharded_reference(term, policy, reference, world: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Each rank's value, and the rank-averaged gradient (FSDP2 averages), from one process on the full model."""
     values, grads = [], {}
     for r in range(world):
         policy.zero_grad(set_to_none=True)
-        v = kl_term(policy, reference, *batch_of(r))
+        v = term(policy, reference, *batch_of(r))
         v.backward()
         values.append(v.detach())
         for name, p in policy.named_parameters():

@@ -28,12 +28,13 @@ def test_sharded_kl_term_matches_unsharded(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     results = torch.load(out)
-    assert set(results) == {"tied head in the root group", "untied head in its own group"}
+    cases = ("tied head in the root group", "untied head in its own group")
+    assert set(results) == {f"{term}: {case}" for term in ("rl", "distillation") for case in cases}
     for case, r in results.items():
         torch.testing.assert_close(r["values"], r["expected_values"], rtol=1e-5, atol=1e-6, msg=case)
         assert r["values"][0] > 0.1 and not torch.allclose(r["values"][0], r["values"][1])  # two different batches
         assert r["grads"].keys() == r["expected_grads"].keys()
         for name, grad in r["grads"].items():
             torch.testing.assert_close(grad, r["expected_grads"][name], rtol=1e-4, atol=1e-6, msg=f"{case}: {name}")
-        head = "transformer.wte.weight" if "tied head" in case else "lm_head.weight"  # a tied head is listed once
+        head = "transformer.wte.weight" if "root group" in case else "lm_head.weight"  # a tied head is listed once
         assert r["expected_grads"][head].abs().max() > 1e-3
