@@ -77,12 +77,7 @@ class TinyCausalLM(nn.Module):
 
 
 def tiny_pair(
-    vocab_size: int = 4,
-    hidden: int = 8,
-    seed: int = 0,
-    *,
-    logit_scale: float = 0.4,
-    dtype: torch.dtype = torch.float64,
+    vocab_size: int = 4, hidden: int = 8, seed: int = 0, *, logit_scale: float = 0.4, dtype: torch.dtype = torch.float64
 ) -> tuple[TinyCausalLM, TinyCausalLM]:
     """(policy, reference): two ``TinyCausalLM`` with independent weights (seeds ``2 seed`` and ``2 seed + 1``)."""
     policy = TinyCausalLM(vocab_size, hidden, 2 * seed, logit_scale=logit_scale, dtype=dtype)

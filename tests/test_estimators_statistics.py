@@ -106,9 +106,7 @@ def _policy_logits(policy, tokens: torch.Tensor) -> torch.Tensor:
 
 def _flat_grad(out: torch.Tensor, params: list[torch.Tensor], cotangent: torch.Tensor | None = None) -> torch.Tensor:
     grads = torch.autograd.grad(out, params, cotangent, allow_unused=True, retain_graph=True)
-    return torch.cat(
-        [(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params, strict=True)]
-    )
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params, strict=True)])
 
 
 @pytest.fixture(scope="module", params=GRAD_CASES, ids=lambda c: "-".join(map(str, c)))

@@ -57,9 +57,7 @@ def test_too_many_completions_refused_before_building():
     assert enumerate_completions(4, 5, 3, max_completions=364)[0].shape == (364, 5)
 
 
-@pytest.mark.parametrize(
-    "bad", [dict(vocab_size=0), dict(max_new_tokens=0), dict(eos_token_id=4), dict(eos_token_id=-1)]
-)
+@pytest.mark.parametrize("bad", [dict(vocab_size=0), dict(max_new_tokens=0), dict(eos_token_id=4), dict(eos_token_id=-1)])
 def test_enumeration_bad_args(bad):
     args = dict(vocab_size=4, max_new_tokens=3, eos_token_id=3) | bad
     with pytest.raises(ValueError):

@@ -134,18 +134,7 @@ def test_config_names_defaults_and_errors(tmp_path):
 def test_config_parses_with_trl_parser(tmp_path):
     parser = trl.TrlParser((GRPOConfig,))
     (args,) = parser.parse_args_and_config(
-        [
-            "--output_dir",
-            str(tmp_path),
-            "--use_cpu",
-            "true",
-            "--kl_estimator",
-            "RB",
-            "--beta",
-            "0.05",
-            "--loss_type",
-            "dr_grpo",
-        ]
+        ["--output_dir", str(tmp_path), "--use_cpu", "true", "--kl_estimator", "RB", "--beta", "0.05", "--loss_type", "dr_grpo"]
     )
     assert (args.kl_estimator, args.beta, args.use_bias_correction_kl) == ("rb", 0.05, False)
     yaml = tmp_path / "c.yaml"
@@ -167,24 +156,14 @@ def test_trainer_refuses_unsupported_settings(tmp_path):
     explicit = config(tmp_path, kl_estimator="k3", beta=0.1)
     explicit.kl_estimator = "k1"
     with pytest.raises(ValueError, match="use_bias_correction_kl"):
-        GRPOTrainer(
-            model=tiny_gpt2(VOCAB, 0, **MODEL_KW),
-            reward_funcs=[zero_reward],
-            args=explicit,
-            train_dataset=Dataset.from_dict({"prompt": [PROMPT]}),
-            processing_class=tiny_tokenizer(),
-        )
+        GRPOTrainer(model=tiny_gpt2(VOCAB, 0, **MODEL_KW), reward_funcs=[zero_reward], args=explicit,
+                    train_dataset=Dataset.from_dict({"prompt": [PROMPT]}), processing_class=tiny_tokenizer())
     # a plain trl config: True is trl's default there; the trainer's default rb applies, with a warning
     plain = trl.GRPOConfig(output_dir=str(tmp_path), beta=0.1, use_cpu=True, report_to=[], bf16=False)
     with pytest.warns(UserWarning, match="use_bias_correction_kl"):
-        trainer = GRPOTrainer(
-            model=tiny_gpt2(VOCAB, 0, **MODEL_KW),
-            reward_funcs=[zero_reward],
-            args=plain,
-            train_dataset=Dataset.from_dict({"prompt": [PROMPT]}),
-            processing_class=tiny_tokenizer(),
-            ref_model=tiny_gpt2(VOCAB, 1, **MODEL_KW),
-        )
+        trainer = GRPOTrainer(model=tiny_gpt2(VOCAB, 0, **MODEL_KW), reward_funcs=[zero_reward], args=plain,
+                              train_dataset=Dataset.from_dict({"prompt": [PROMPT]}), processing_class=tiny_tokenizer(),
+                              ref_model=tiny_gpt2(VOCAB, 1, **MODEL_KW))
     assert trainer.kl_estimator == "rb"
 
 
@@ -226,9 +205,7 @@ def test_k1_advantages_are_group_centred_k1(tmp_path):
         k1 = ((token_logprobs(lp, tokens) - token_logprobs(lq, tokens)) * mask).sum(-1)
     length = mask.sum(-1).double()
     centred = lambda x: (x.view(-1, 8) - x.view(-1, 8).mean(1, keepdim=True)).view(-1)  # noqa: E731
-    torch.testing.assert_close(
-        inputs["advantages"].double(), centred(length) - 0.3 * centred(k1), rtol=1e-6, atol=1e-6
-    )
+    torch.testing.assert_close(inputs["advantages"].double(), centred(length) - 0.3 * centred(k1), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "luspo", "sapo"])
@@ -270,16 +247,8 @@ def test_reduction_matches_trl_normalization(tmp_path, loss_type):
 @pytest.mark.parametrize("estimator", ["k3", "k1", "rb"])
 def test_short_training_run(tmp_path, estimator):
     trainer, _, _ = make_trainer(
-        estimator,
-        tmp_path,
-        batch=16,
-        group=4,
-        beta=0.05,
-        reward=length_reward,
-        max_steps=8,
-        learning_rate=3e-2,
-        scale_rewards="group",
-        loss_type="dapo",
+        estimator, tmp_path, batch=16, group=4, beta=0.05, reward=length_reward, max_steps=8, learning_rate=3e-2,
+        scale_rewards="group", loss_type="dapo",
     )
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
@@ -298,17 +267,9 @@ def test_peft_reference_is_the_base_model(tmp_path):
     from peft import LoraConfig
 
     trainer, _, _ = make_trainer(
-        "rb",
-        tmp_path,
-        batch=16,
-        group=4,
-        reward=length_reward,
-        use_ref_model=False,
-        model=tiny_gpt2(VOCAB, 0, **MODEL_KW),
-        peft_config=LoraConfig(r=4, target_modules=["c_attn", "c_fc"]),
-        max_steps=6,
-        learning_rate=0.1,
-        scale_rewards="group",
+        "rb", tmp_path, batch=16, group=4, reward=length_reward, use_ref_model=False,
+        model=tiny_gpt2(VOCAB, 0, **MODEL_KW), peft_config=LoraConfig(r=4, target_modules=["c_attn", "c_fc"]),
+        max_steps=6, learning_rate=0.1, scale_rewards="group",
     )
     assert trainer.ref_model is None
     trainer.train()
@@ -322,23 +283,13 @@ def test_multi_iteration_and_accumulation_run(tmp_path, estimator):
     """num_iterations=2 (trl scores the old policy too) with gradient accumulation: the scoring order is still found,
     and beta=0 trains like trl without a reference or KL metrics."""
     trainer, _, _ = make_trainer(
-        estimator,
-        tmp_path,
-        batch=8,
-        group=4,
-        reward=length_reward,
-        max_steps=2,
-        learning_rate=1e-2,
-        num_iterations=2,
-        gradient_accumulation_steps=2,
-        steps_per_generation=2,
+        estimator, tmp_path, batch=8, group=4, reward=length_reward, max_steps=2, learning_rate=1e-2,
+        num_iterations=2, gradient_accumulation_steps=2, steps_per_generation=2,
     )
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logs) == 2 and all(math.isfinite(h["loss"]) and h["kl/rb"] >= 0 for h in logs)
-    plain, _, _ = make_trainer(
-        estimator, tmp_path / "b0", batch=8, group=4, beta=0.0, use_ref_model=False, max_steps=1
-    )
+    plain, _, _ = make_trainer(estimator, tmp_path / "b0", batch=8, group=4, beta=0.0, use_ref_model=False, max_steps=1)
     plain.train()
     assert plain.ref_model is None
     assert not any(k.startswith("kl") for h in plain.state.log_history for k in h)

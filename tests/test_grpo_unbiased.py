@@ -48,9 +48,7 @@ def mixed_batch(trainer, prompts: dict[str, list[int]], seed: int) -> dict:
     torch.manual_seed(seed)
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = 1
-    return trainer._generate_and_score_completions(
-        [{"prompt": p} for p in prompts for _ in range(BATCH // len(prompts))]
-    )
+    return trainer._generate_and_score_completions([{"prompt": p} for p in prompts for _ in range(BATCH // len(prompts))])
 
 
 def gradient_study(estimator: str, tmp_path, nb: int = NB, prompts=None, **config) -> dict[str, float]:
@@ -66,11 +64,7 @@ def gradient_study(estimator: str, tmp_path, nb: int = NB, prompts=None, **confi
         inputs = mixed_batch(trainer, prompts, seed=SEED0 + b)
         loss = trainer.compute_loss(trainer.model, inputs)
         parts = torch.autograd.grad(loss, params, allow_unused=True)
-        grads.append(
-            torch.cat(
-                [(torch.zeros_like(p) if g is None else g).flatten() for g, p in zip(parts, params, strict=True)]
-            )
-        )
+        grads.append(torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for g, p in zip(parts, params, strict=True)]))
     return z_statistics(torch.stack(grads), exact)
 
 
@@ -113,9 +107,7 @@ def test_unbiased_estimators_follow_exact_grad_kl(tmp_path, estimator, expected_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "estimator, expected_c", [("rb", BETA / MAX_LEN), ("k1", BETA * (GROUP - 1) / GROUP / MAX_LEN)]
-)
+@pytest.mark.parametrize("estimator, expected_c", [("rb", BETA / MAX_LEN), ("k1", BETA * (GROUP - 1) / GROUP / MAX_LEN)])
 def test_unbiased_at_temperature_with_prompts_of_two_lengths(tmp_path, estimator, expected_c):
     """The same test at temperature 0.7 (sampling, K_t and l_t all at T) with two prompts of different lengths."""
     study = gradient_study(estimator, tmp_path, prompts=MIXED_PROMPTS, temperature=0.7)
@@ -157,20 +149,14 @@ def stale_batch_grads(trainer, drop_keys: tuple[str, ...], nb: int, shift: float
         inputs = {k: v for k, v in inputs.items() if k not in drop_keys}
         torch.nn.utils.vector_to_parameters(theta, params)
         parts = torch.autograd.grad(trainer.compute_loss(trainer.model, inputs), params, allow_unused=True)
-        grads.append(
-            torch.cat(
-                [(torch.zeros_like(p) if g is None else g).flatten() for g, p in zip(parts, params, strict=True)]
-            )
-        )
+        grads.append(torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for g, p in zip(parts, params, strict=True)]))
     return torch.stack(grads), exact
 
 
 def off_policy_study(tmp_path, *, weighted: bool, nb: int = NB) -> dict[str, float]:
     """GRPO ``rb`` at ``num_iterations=2``: the mean must be c * grad KL(p_theta || q); ``weighted=False`` drops
     trl's old log-probs from the batch."""
-    trainer, _, _ = make_trainer(
-        "rb", tmp_path, batch=BATCH, group=GROUP, max_len=MAX_LEN, beta=BETA, num_iterations=2
-    )
+    trainer, _, _ = make_trainer("rb", tmp_path, batch=BATCH, group=GROUP, max_len=MAX_LEN, beta=BETA, num_iterations=2)
     drop = () if weighted else ("old_per_token_logps",)
     return z_statistics(*stale_batch_grads(trainer, drop, nb))
 

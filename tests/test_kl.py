@@ -103,9 +103,7 @@ def test_token_kl_large_offsets_keep_precision():
     assert torch.allclose(token_kl(base, other).double(), ref_kl(base, other), rtol=1e-4, atol=1e-6)
     tokens = torch.randint(200, (16,), generator=torch.Generator().manual_seed(0))
     lp = token_logprobs(base, tokens)
-    assert torch.allclose(
-        lp.double(), torch.log_softmax(base.double(), -1).gather(-1, tokens[:, None])[:, 0], atol=2e-5
-    )
+    assert torch.allclose(lp.double(), torch.log_softmax(base.double(), -1).gather(-1, tokens[:, None])[:, 0], atol=2e-5)
 
 
 def test_token_kl_gradcheck():
@@ -113,9 +111,7 @@ def test_token_kl_gradcheck():
     lq = _logits(4, 6, seed=8, dtype=torch.float64).requires_grad_()
     for temperature in (1.0, 0.7):
         assert torch.autograd.gradcheck(
-            lambda a, b, t=temperature: token_kl(a, b, temperature=t, chunk_size=3),
-            (lp, lq),
-            fast_mode=temperature != 1.0,
+            lambda a, b, t=temperature: token_kl(a, b, temperature=t, chunk_size=3), (lp, lq), fast_mode=temperature != 1.0
         )
     # Gradient with respect to one input only.
     out = token_kl(lp, lq.detach()).sum()
@@ -199,10 +195,8 @@ def test_linear_token_kl_equals_token_kl_on_materialized_logits(options):
     if not (bias and options.get("softcap_p")):
         return
     # And against finite differences, once with every option on (gradcheck is slow).
-    small = [
-        x.detach()[..., :3, :].clone().requires_grad_() if x.dim() == 3 else x.detach().clone().requires_grad_()
-        for x in leaves
-    ]
+    small = [x.detach()[..., :3, :].clone().requires_grad_() if x.dim() == 3 else x.detach().clone().requires_grad_()
+             for x in leaves]
 
     def fn(hp, wp, bp, hq, wq, bq):
         return linear_token_kl(hp, wp, hq, wq, **(kw | dict(bias_p=bp if bias else None, bias_q=bq if bias else None)))
@@ -241,9 +235,7 @@ def test_linear_weighted_kl_sum_equals_autograd_through_linear_token_kl(softcap_
 
     ref_leaves = [t.clone().requires_grad_() for t in (hp, wp, bp)]
     used = weights != 0
-    per_token = linear_token_kl(
-        ref_leaves[0][used], ref_leaves[1], hq[used], wq, bias_p=ref_leaves[2], bias_q=bq, **kw
-    )
+    per_token = linear_token_kl(ref_leaves[0][used], ref_leaves[1], hq[used], wq, bias_p=ref_leaves[2], bias_q=bq, **kw)
     ref_total = (weights[used] * per_token).sum()
     ref_grads = torch.autograd.grad(ref_total, ref_leaves)
 
@@ -445,9 +437,8 @@ def test_bad_temperature(temperature):
         lambda: token_logprobs(a, tokens, temperature=temperature),
         lambda: kl_estimate(a, a, tokens, mask, temperature=temperature),
         lambda: kl_surrogate(a, a, tokens, mask, temperature=temperature),
-        lambda: linear_token_kl(
-            torch.zeros(2, 3), torch.zeros(5, 3), torch.zeros(2, 3), torch.zeros(5, 3), temperature=temperature
-        ),
+        lambda: linear_token_kl(torch.zeros(2, 3), torch.zeros(5, 3), torch.zeros(2, 3), torch.zeros(5, 3),
+                                temperature=temperature),
     ]
     for call in calls:
         with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
@@ -491,10 +482,7 @@ _MEMORY_PROBE = textwrap.dedent(
 def _extra_bytes(n: int, v: int, method: str, backward: bool) -> int:
     done = subprocess.run(
         [sys.executable, "-c", _MEMORY_PROBE, str(n), str(v), method, "1" if backward else "0"],
-        capture_output=True,
-        text=True,
-        check=True,
-        env=os.environ | {"OMP_NUM_THREADS": "1"},
+        capture_output=True, text=True, check=True, env=os.environ | {"OMP_NUM_THREADS": "1"},
     )
     return json.loads(done.stdout.strip().splitlines()[-1])
 

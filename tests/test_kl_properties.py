@@ -17,8 +17,6 @@ from trl_rb.kl import compute_kl, kl_estimate, token_kl
 
 INF = math.inf
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-
-
 @pytest.fixture(autouse=True, scope="module")
 def _single_thread():
     with single_thread():
@@ -114,9 +112,7 @@ def finite_pairs(draw):
 @given(finite_pairs())
 def test_compute_kl_matches_research_formula(pair):
     lp, lq = pair
-    research = (
-        torch.softmax(lp.double(), -1) * (torch.log_softmax(lp.double(), -1) - torch.log_softmax(lq.double(), -1))
-    ).sum(-1)
+    research = (torch.softmax(lp.double(), -1) * (torch.log_softmax(lp.double(), -1) - torch.log_softmax(lq.double(), -1))).sum(-1)
     out = compute_kl(torch.zeros(lp.shape[:-1]), torch.zeros(lp.shape[:-1]), lp, lq)
     assert torch.allclose(out.double(), research, rtol=2e-5, atol=1e-5)
     new, ref = torch.randn(lp.shape[:-1]), torch.randn(lp.shape[:-1])
@@ -131,10 +127,7 @@ def test_kl_estimate_properties(pair, temperature, seed):
     gen = torch.Generator().manual_seed(seed)
     tokens = torch.randint(v, (b, t), generator=gen)
     mask = (torch.arange(t) < torch.randint(1, t + 1, (b, 1), generator=gen)).long()
-    values = {
-        name: kl_estimate(lp, lq, tokens, mask, name, temperature=temperature)
-        for name in ("k1", "k2", "k3", "cv", "rb")
-    }
+    values = {name: kl_estimate(lp, lq, tokens, mask, name, temperature=temperature) for name in ("k1", "k2", "k3", "cv", "rb")}
     for name in ("k2", "k3", "cv", "rb"):  # non-negative estimators
         assert bool((values[name] >= -1e-5).all()), name
     k = (reference(lp.reshape(-1, v), lq.reshape(-1, v), temperature).reshape(b, t) * mask).sum(-1)

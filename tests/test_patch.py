@@ -55,9 +55,7 @@ def test_patch_swaps_and_unpatch_restores(restore_trl):
     assert (trl.GRPOTrainer, trl.GRPOConfig, trl.RLOOTrainer, trl.RLOOConfig) == (GRPOTrainer, GRPOConfig, RLOOTrainer,
                                                                                RLOOConfig)  # fmt: skip
     assert PatchedConfig is GRPOConfig and PatchedRLOO is RLOOTrainer and patched_kl is compute_kl
-    assert (
-        trl.DistillationTrainer is trl_rb.DistillationTrainer and trl.DistillationConfig is trl_rb.DistillationConfig
-    )
+    assert trl.DistillationTrainer is trl_rb.DistillationTrainer and trl.DistillationConfig is trl_rb.DistillationConfig
     trl_rb.unpatch_trl()
     trl_rb.unpatch_trl()  # a no-op
     assert (trl.GRPOTrainer, trl.GRPOConfig, trl.RLOOTrainer, trl.RLOOConfig) == originals
@@ -116,9 +114,7 @@ def test_trl_rb_grpo_rloo_cli_with_trl_flags(tmp_path, script, extra):
     (data / "train.jsonl").write_text("".join(json.dumps({"prompt": f"w{i + 5} w{i + 6}"}) + "\n" for i in range(16)))
     (tmp_path / "my_rewards.py").write_text(REWARD_MODULE)
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(
-        "beta: 0.1\nmax_steps: 2\nlogging_steps: 1\nnum_generations: 4\nper_device_train_batch_size: 8\n"
-    )
+    recipe.write_text("beta: 0.1\nmax_steps: 2\nlogging_steps: 1\nnum_generations: 4\nper_device_train_batch_size: 8\n")
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "trl_rb.cli", script, "--config", str(recipe), "--model_name_or_path", model,
            "--dataset_name", str(data), "--reward_funcs", "my_rewards.low_words", "--output_dir", str(out),
@@ -159,9 +155,7 @@ def test_trl_rb_distill_cli_with_trl_flags(tmp_path):
     assert "model.safetensors" in {p.name for p in out.iterdir()}
     assert "kl/rb" in proc.stdout + proc.stderr and "kl/k1" in proc.stdout + proc.stderr
 
-    refused = subprocess.run(
-        [*cmd, "--top_k", "5"], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path
-    )
+    refused = subprocess.run([*cmd, "--top_k", "5"], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert refused.returncode == 2
     assert "trl-rb distill: kl_gradient='rb'" in refused.stderr and "top_k=5" in refused.stderr
     assert "kl_gradient='pathwise'" in refused.stderr

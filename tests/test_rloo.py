@@ -39,15 +39,8 @@ def build_lm(path, *, seed: int, words: list[str] = WORDS, tied: bool = True) ->
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", eos_token="[EOS]", unk_token="[UNK]")
     torch.manual_seed(seed)
     config = GPT2Config(
-        vocab_size=len(words),
-        n_embd=32,
-        n_layer=2,
-        n_head=2,
-        n_positions=64,
-        bos_token_id=1,
-        eos_token_id=1,
-        pad_token_id=0,
-        tie_word_embeddings=tied,
+        vocab_size=len(words), n_embd=32, n_layer=2, n_head=2, n_positions=64, bos_token_id=1, eos_token_id=1,
+        pad_token_id=0, tie_word_embeddings=tied,
     )
     GPT2LMHeadModel(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -156,9 +149,8 @@ def test_single_pass_kernel_matches_autograd(scale, softcap, bias):
     got = weighted_kl_sum_from_hidden(hp, head_p, hq, head_q, weights, temperature=0.8, chunk_size=3)
     params = [x for x in (hp, wp, bp) if x is not None]
     got_grads = torch.autograd.grad(got * 2.5, params)
-    k = linear_token_kl(
-        hp, wp, hq, wq, bias_p=bp, temperature=0.8, logit_scale_p=scale, softcap_p=softcap, softcap_q=softcap
-    )
+    k = linear_token_kl(hp, wp, hq, wq, bias_p=bp, temperature=0.8, logit_scale_p=scale, softcap_p=softcap,
+                        softcap_q=softcap)
     want = (weights * k).sum()
     want_grads = torch.autograd.grad(want * 2.5, params)
     torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-8)
@@ -187,7 +179,8 @@ def test_advantages_match_estimate_from_logits(lm_paths, tmp_path, estimator):
     batch = trainer._generate_and_score_completions(generation_batch(4, g))
     with torch.no_grad():
         logits_p, logits_q = materialized(trainer, trainer.model, batch)
-    kl = kl_estimate(logits_p, logits_q, batch["completion_ids"], batch["completion_mask"], estimator, temperature=0.7)
+    kl = kl_estimate(logits_p, logits_q, batch["completion_ids"], batch["completion_mask"], estimator,
+                     temperature=0.7)
     expected = loo_advantages(completion_rewards(batch) - beta * kl, g)
     torch.testing.assert_close(batch["advantages"], expected, atol=2e-5, rtol=1e-4)
     assert (REF_HIDDEN_KEY in batch) == (estimator == "rb")
@@ -281,19 +274,10 @@ def test_training_increases_reward(lm_paths, tmp_path, estimator):
 @pytest.mark.slow
 def test_peft_two_iterations_and_resume(lm_paths, tmp_path):
     lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], task_type="CAUSAL_LM")
-    args = make_config(
-        tmp_path,
-        "rb",
-        max_steps=4,
-        num_iterations=2,
-        save_strategy="steps",
-        save_steps=2,
-        per_device_train_batch_size=8,
-        learning_rate=3e-2,
-    )
-    trainer = RLOOTrainer(
-        lm_paths["policy"], low_words_reward, args=args, train_dataset=prompts_dataset(), peft_config=lora
-    )
+    args = make_config(tmp_path, "rb", max_steps=4, num_iterations=2, save_strategy="steps", save_steps=2,
+                       per_device_train_batch_size=8, learning_rate=3e-2)
+    trainer = RLOOTrainer(lm_paths["policy"], low_words_reward, args=args, train_dataset=prompts_dataset(),
+                          peft_config=lora)
     assert trainer.ref_model is None  # the reference is the base model with adapters disabled
     trainer.train()
     # with num_iterations=2 a generation batch is scored (and KL metrics logged, like trl's reward) every 2 steps
@@ -306,18 +290,10 @@ def test_peft_two_iterations_and_resume(lm_paths, tmp_path):
 
     checkpoint = os.path.join(args.output_dir, "checkpoint-2")
     assert os.path.isdir(checkpoint)
-    resumed_args = make_config(
-        tmp_path,
-        "rb",
-        max_steps=4,
-        num_iterations=2,
-        save_strategy="no",
-        per_device_train_batch_size=8,
-        learning_rate=3e-2,
-    )
-    resumed = RLOOTrainer(
-        lm_paths["policy"], low_words_reward, args=resumed_args, train_dataset=prompts_dataset(), peft_config=lora
-    )
+    resumed_args = make_config(tmp_path, "rb", max_steps=4, num_iterations=2, save_strategy="no",
+                               per_device_train_batch_size=8, learning_rate=3e-2)
+    resumed = RLOOTrainer(lm_paths["policy"], low_words_reward, args=resumed_args, train_dataset=prompts_dataset(),
+                          peft_config=lora)
     resumed.train(resume_from_checkpoint=checkpoint)
     assert resumed.state.global_step == 4
     new_logs = [h for h in resumed.state.log_history if "loss" in h and h["step"] > 2]  # history 1-2 is restored
@@ -333,54 +309,29 @@ def test_peft_two_iterations_and_resume(lm_paths, tmp_path):
 
 def test_ref_model_as_instance_and_errors(lm_paths, tmp_path):
     other = GPT2LMHeadModel.from_pretrained(lm_paths["other"])
-    trainer = RLOOTrainer(
-        lm_paths["policy"],
-        target_reward,
-        args=make_config(tmp_path, "rb"),
-        train_dataset=prompts_dataset(),
-        ref_model=other,
-    )
+    trainer = RLOOTrainer(lm_paths["policy"], target_reward, args=make_config(tmp_path, "rb"),
+                          train_dataset=prompts_dataset(), ref_model=other)
     assert trainer.ref_model is other and not any(p.requires_grad for p in other.parameters())
     assert trainer.beta == 0.05 and trainer.args.beta == 0.05
 
     # An in-memory policy has no path trl could rebuild its own reference from: with ref_model= it needs none.
     policy = GPT2LMHeadModel.from_pretrained(lm_paths["policy"])
     tokenizer = AutoTokenizer.from_pretrained(lm_paths["policy"])
-    trainer = RLOOTrainer(
-        policy,
-        target_reward,
-        args=make_config(tmp_path, "rb"),
-        processing_class=tokenizer,
-        train_dataset=prompts_dataset(),
-        ref_model=lm_paths["other"],
-    )
+    trainer = RLOOTrainer(policy, target_reward, args=make_config(tmp_path, "rb"), processing_class=tokenizer,
+                          train_dataset=prompts_dataset(), ref_model=lm_paths["other"])
     assert trainer.beta == 0.05 and trainer.ref_model is not None
     batch = trainer._generate_and_score_completions(generation_batch(2, 4))
     assert torch.isfinite(batch["advantages"]).all()
 
     with pytest.raises(ValueError, match="vocabular"):
-        RLOOTrainer(
-            lm_paths["policy"],
-            target_reward,
-            args=make_config(tmp_path, "rb"),
-            train_dataset=prompts_dataset(),
-            ref_model=lm_paths["small_vocab"],
-        )
+        RLOOTrainer(lm_paths["policy"], target_reward, args=make_config(tmp_path, "rb"),
+                    train_dataset=prompts_dataset(), ref_model=lm_paths["small_vocab"])
     with pytest.raises(ValueError, match="beta=0.0"):
-        RLOOTrainer(
-            lm_paths["policy"],
-            target_reward,
-            args=make_config(tmp_path, "rb", beta=0.0),
-            train_dataset=prompts_dataset(),
-            ref_model=lm_paths["other"],
-        )
+        RLOOTrainer(lm_paths["policy"], target_reward, args=make_config(tmp_path, "rb", beta=0.0),
+                    train_dataset=prompts_dataset(), ref_model=lm_paths["other"])
     with pytest.raises(ValueError, match="top_k"):
-        RLOOTrainer(
-            lm_paths["policy"],
-            target_reward,
-            args=make_config(tmp_path, "rb", top_k=5),
-            train_dataset=prompts_dataset(),
-        )
+        RLOOTrainer(lm_paths["policy"], target_reward, args=make_config(tmp_path, "rb", top_k=5),
+                    train_dataset=prompts_dataset())
 
 
 def test_beta_zero_is_trl(lm_paths, tmp_path):

@@ -14,17 +14,8 @@ BASE = {"output_dir": "unused", "bf16": False, "report_to": "none"}
 
 @pytest.mark.parametrize(
     ("given", "canonical"),
-    [
-        (None, "rb"),
-        ("rb", "rb"),
-        ("RB", "rb"),
-        ("full", "rb"),
-        ("Full", "rb"),
-        ("k1", "k1"),
-        ("MC", "k1"),
-        ("k3", "k3"),
-        ("K3", "k3"),
-    ],
+    [(None, "rb"), ("rb", "rb"), ("RB", "rb"), ("full", "rb"), ("Full", "rb"), ("k1", "k1"), ("MC", "k1"),
+     ("k3", "k3"), ("K3", "k3")],
 )
 def test_estimator_names(given, canonical):
     kwargs = {} if given is None else {"kl_estimator": given}

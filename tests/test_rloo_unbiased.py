@@ -124,11 +124,7 @@ def studies(tmp_path_factory) -> dict[str, dict[str, float]]:
         params = [p for _, p in named]
         if exact is None:
             kl, by_name = exact_kl_and_grad(
-                trainer.model,
-                trainer.ref_model,
-                [0],
-                max_new_tokens=MAX_LEN,
-                eos_token_id=VOCAB - 1,
+                trainer.model, trainer.ref_model, [0], max_new_tokens=MAX_LEN, eos_token_id=VOCAB - 1,
                 params=dict(named),
             )
             assert kl > 0.5  # the pair differs: the KL gradient is far from 0

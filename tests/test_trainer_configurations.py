@@ -119,9 +119,7 @@ def test_rloo_rb_skips_unscorable_completions_like_trl(lm_paths, tmp_path):  # n
                           ref_model=lm_paths["other"])  # fmt: skip
     trainer.model.train()
     torch.manual_seed(0)
-    batch = trainer._generate_and_score_completions(
-        [{"prompt": f"w{i + 5} w{i + 6}"} for i in range(2) for _ in range(4)]
-    )
+    batch = trainer._generate_and_score_completions([{"prompt": f"w{i + 5} w{i + 6}"} for i in range(2) for _ in range(4)])
     assert batch[SCORABLE_KEY].tolist() == [1.0, 0.0] * 4
     assert torch.all(batch["advantages"][1::2] == 0)
     # the loss with the unscorable rows' hidden states replaced: identical (they carry no weight)

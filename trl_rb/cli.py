@@ -18,19 +18,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "trl's `trl distillation` script and flags, with trl-rb's DistillationTrainer (--kl_gradient rb|pathwise)",
     ),
     "estimate": ("trl_rb.estimate.cli", "KL(p || q) between two language models with every estimator, side by side"),
-    "prepare-imdb": (
-        "trl_rb.sentiment.data",
-        "turn a local IMDB copy into imdb-train.jsonl / imdb-test.jsonl prompt files",
-    ),
-    "sweep": (
-        "trl_rb.sentiment.sweep",
-        "run methods x KL coefficients x seeds of the sentiment experiment, resumable",
-    ),
+    "prepare-imdb": ("trl_rb.sentiment.data", "turn a local IMDB copy into imdb-train.jsonl / imdb-test.jsonl prompt files"),
+    "sweep": ("trl_rb.sentiment.sweep", "run methods x KL coefficients x seeds of the sentiment experiment, resumable"),
     "pareto": ("trl_rb.sentiment.pareto", "plot eval reward against eval KL for a folder of runs, with the frontier"),
-    "run": (
-        "trl_rb.trainers.run_script",
-        "run an unmodified trl script with trl-rb's trainers (trl_rb.patch_trl() first)",
-    ),
+    "run": ("trl_rb.trainers.run_script", "run an unmodified trl script with trl-rb's trainers (trl_rb.patch_trl() first)"),
 }
 
 

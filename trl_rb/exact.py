@@ -407,3 +407,4 @@ def exact_kl_and_grad(
             total_prob += float(prob.detach().sum())
     _check_prob_sum(torch.tensor(total_prob))
     return kl, dict(zip(named, grads, strict=True))
+

@@ -82,9 +82,7 @@ def _check_float(name: str, tensor: torch.Tensor) -> None:
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}.")
     if not tensor.is_floating_point():
-        raise TypeError(
-            f"{name} must be a floating-point tensor (logits), got dtype {tensor.dtype}; cast it with .float()."
-        )
+        raise TypeError(f"{name} must be a floating-point tensor (logits), got dtype {tensor.dtype}; cast it with .float().")
 
 
 def _check_temperature(temperature: float) -> None:
@@ -463,9 +461,7 @@ def _chain(
         grad_b += graw.sum(0)
 
 
-def _cast_grads(
-    grads: list[torch.Tensor | None], inputs: tuple[torch.Tensor | None, ...]
-) -> list[torch.Tensor | None]:
+def _cast_grads(grads: list[torch.Tensor | None], inputs: tuple[torch.Tensor | None, ...]) -> list[torch.Tensor | None]:
     return [None if g is None else g.to(x.dtype) for g, x in zip(grads, inputs, strict=True)]
 
 
@@ -521,9 +517,7 @@ def _check_linear_inputs(hidden_p, weight_p, hidden_q, weight_q, temperature, so
         _check_float(name, t)
     _check_temperature(temperature)
     if weight_p.dim() != 2 or weight_q.dim() != 2:
-        raise ValueError(
-            f"weights must be [V, H], got weight_p {tuple(weight_p.shape)} and weight_q {tuple(weight_q.shape)}."
-        )
+        raise ValueError(f"weights must be [V, H], got weight_p {tuple(weight_p.shape)} and weight_q {tuple(weight_q.shape)}.")
     if weight_p.shape[0] != weight_q.shape[0]:
         raise ValueError(
             f"weight_p {tuple(weight_p.shape)} and weight_q {tuple(weight_q.shape)} have different vocabulary sizes; "
@@ -733,10 +727,8 @@ def token_logprobs(
     _check_tokens(logits, tokens, None)
     vocab = logits.shape[-1]
     if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab):
-        raise ValueError(
-            f"token ids must lie in [0, {vocab}) for logits {tuple(logits.shape)}; got ids in "
-            f"[{int(tokens.min())}, {int(tokens.max())}]. Replace padding ids with a valid id and mask them."
-        )
+        raise ValueError(f"token ids must lie in [0, {vocab}) for logits {tuple(logits.shape)}; got ids in "
+                         f"[{int(tokens.min())}, {int(tokens.max())}]. Replace padding ids with a valid id and mask them.")
     chunk = _default_chunk(vocab, chunk_size)
     out = _TokenLogprob.apply(
         logits.reshape(-1, vocab), tokens.reshape(-1).long(), float(temperature), chunk, _compute_dtype(logits)

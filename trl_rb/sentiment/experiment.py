@@ -590,9 +590,7 @@ def run(script_args: SentimentArguments, config: Any, trainer_cls: type) -> dict
         )
         _write_run_config(staging / "run_config.yaml", script_args, config, output_dir)
         if (staging / "metrics.jsonl").is_file():
-            title = (
-                f"{script_args.trainer.upper()} {script_args.method.upper()}, beta {config.beta:g}, seed {config.seed}"
-            )
+            title = f"{script_args.trainer.upper()} {script_args.method.upper()}, beta {config.beta:g}, seed {config.seed}"
             plot_metrics(staging / "metrics.jsonl", staging / "training.png", title=title)
         _write_json(staging / "eval.json", result)  # last: its presence marks a finished run
         _publish(staging, output_dir)

@@ -192,9 +192,7 @@ def reduce_like_loss_type(
         return masked.sum() / normalizer
     if loss_type == "luspo":
         return masked.sum(-1).mean() / accum
-    raise ValueError(
-        f"Unknown loss_type {loss_type!r} (trl 1.16 GRPO: grpo, sapo, bnpo, dr_grpo, dapo, cispo, vespo, luspo)."
-    )
+    raise ValueError(f"Unknown loss_type {loss_type!r} (trl 1.16 GRPO: grpo, sapo, bnpo, dr_grpo, dapo, cispo, vespo, luspo).")
 
 
 def _trl_init_argument(name: str, *args: Any, **kwargs: Any) -> Any:

@@ -143,9 +143,7 @@ def _whole(head: HeadParams) -> HeadParams:
             return t
         return t.full_tensor(grad_placements=[Partial("avg")] * t.device_mesh.ndim)
 
-    return HeadParams(
-        weight=full(head.weight), bias=full(head.bias), logit_scale=head.logit_scale, softcap=head.softcap
-    )
+    return HeadParams(weight=full(head.weight), bias=full(head.bias), logit_scale=head.logit_scale, softcap=head.softcap)
 
 
 @contextmanager
