@@ -21,6 +21,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "prepare-imdb": ("trl_rb.sentiment.data", "turn a local IMDB copy into imdb-train.jsonl / imdb-test.jsonl prompt files"),
     "sweep": ("trl_rb.sentiment.sweep", "run methods x KL coefficients x seeds of the sentiment experiment, resumable"),
     "pareto": ("trl_rb.sentiment.pareto", "plot eval reward against eval KL for a folder of runs, with the frontier"),
+    "distill-study": (
+        "trl_rb.sentiment.distillation_study",
+        "distil the review LM into a 1-layer student: trl's pathwise gradient against the RB gradient, over seeds",
+    ),
     "run": ("trl_rb.trainers.run_script", "run an unmodified trl script with trl-rb's trainers (trl_rb.patch_trl() first)"),
 }
 

@@ -1,0 +1,308 @@
+"""``trl-rb distill-study``: on-policy distillation of the review LM, trl's pathwise gradient against the RB gradient.
+
+Teacher: the review LM (2 layers, ``load_review_lm``). Student: the same model cut to its first block (1 layer, the
+teacher's embeddings, block 0, final norm and head; the layer-dropping initialization of distilled students). Both
+gradients train the student with ``trl_rb.DistillationTrainer`` on the review prompts (``kl_gradient="pathwise"``:
+trl's loss; ``"rb"``: the RB surrogate), same seeds, same steps, same learning rate. Every ``eval_every`` steps the
+sequence-level KL(student || teacher) on held-out test prompts is estimated with ``trl_rb.estimate_kl`` (the RB
+estimate, mean +- standard error over completions; fixed sampling seed), and the training wall time so far (evaluation
+excluded) is recorded.
+
+Every (learning rate, seed, gradient) combination is one run. Outputs in ``--out``:
+``runs/<gradient>-lr<lr>-seed<s>.json`` (one per finished run: a rerun skips it, so an interrupted
+study resumes), ``distillation_study.png`` (KL against step and against training time, mean +- SE over seeds), and
+``summary.json`` / ``summary.md`` / the printed table, per learning rate: the KL at equal steps (the last
+evaluation) and at equal wall time (each method's curve interpolated at the shorter of the two methods' mean
+training times), mean +- SE over seeds, and the rb - pathwise differences paired by seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["GRADIENTS", "main", "run_one", "summarize"]
+
+GRADIENTS = ("pathwise", "rb")
+
+
+def _student_from(teacher: Any, n_layer: int) -> Any:
+    """A copy of the teacher keeping its first ``n_layer`` transformer blocks."""
+    student = copy.deepcopy(teacher)
+    student.transformer.h = student.transformer.h[:n_layer]
+    student.config.n_layer = n_layer
+    return student
+
+
+def _kl_on_test(student: Any, teacher: Any, tokenizer: Any, prompts: list[str], opts: argparse.Namespace) -> dict:
+    from ..estimate.api import estimate_kl
+
+    result = estimate_kl(student, teacher, tokenizer, prompts, samples_per_prompt=opts.eval_samples,
+                         max_new_tokens=opts.max_new_tokens, estimators=("rb",), seed=1234, progress=False)  # fmt: skip
+    rb = result.values["rb"].ravel()
+    return {"kl_rb": float(rb.mean()), "kl_rb_se": float(rb.std(ddof=1) / math.sqrt(rb.size)),
+            "kl_k1": float(result.values["k1"].mean())}  # fmt: skip
+
+
+def run_one(gradient: str, lr: float, seed: int, opts: argparse.Namespace) -> dict:
+    """Train one student; returns its record (settings and the evaluation curve)."""
+    import torch
+    from datasets import Dataset
+    from transformers import TrainerCallback
+
+    from ..trainers.distillation import DistillationConfig, DistillationTrainer
+    from .review_lm import load_review_lm, review_prompts
+
+    torch.set_num_threads(opts.torch_threads)
+    teacher, tokenizer = load_review_lm(opts.cache_dir)
+    student = _student_from(teacher, opts.student_layers)
+    test_prompts = review_prompts("test")[: opts.eval_prompts]
+    curve: list[dict] = []
+
+    class Evaluate(TrainerCallback):
+        """KL on the test prompts at step 0 and every eval_every steps; evaluation time is kept out of the clock."""
+
+        def __init__(self) -> None:
+            self.excluded, self.start = 0.0, time.perf_counter()
+
+        def record(self, step: int) -> None:
+            t0 = time.perf_counter()
+            point = {"step": step, "train_seconds": t0 - self.start - self.excluded}
+            point.update(_kl_on_test(student, teacher, tokenizer, test_prompts, opts))
+            curve.append(point)
+            self.excluded += time.perf_counter() - t0
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start = time.perf_counter()
+            self.record(0)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step % opts.eval_every == 0:
+                self.record(state.global_step)
+
+    args = DistillationConfig(
+        output_dir=str(Path(opts.out) / "trainer" / _run_name(gradient, lr, seed)), kl_gradient=gradient, seed=seed,
+        max_steps=opts.steps, learning_rate=lr, per_device_train_batch_size=opts.batch_size,
+        max_completion_length=opts.max_new_tokens, logging_steps=opts.eval_every, save_strategy="no", report_to=[],
+        use_cpu=True, bf16=False, disable_tqdm=not opts.progress, lr_scheduler_type="constant",
+    )  # fmt: skip
+    prompts = Dataset.from_dict({"prompt": review_prompts("train")})
+    trainer = DistillationTrainer(student, teacher, args=args, train_dataset=prompts, processing_class=tokenizer,
+                                  callbacks=[Evaluate()])  # fmt: skip
+    trainer.train()
+    settings = ("steps", "batch_size", "max_new_tokens", "student_layers", "eval_prompts", "eval_samples")
+    return {"gradient": gradient, "lr": lr, "seed": seed, "curve": curve,
+            "settings": {k: v for k, v in vars(opts).items() if k in settings}}  # fmt: skip
+
+
+def _run_name(gradient: str, lr: float, seed: int) -> str:
+    return f"{gradient}-lr{lr:g}-seed{seed}"
+
+
+def gradient_noise(opts: argparse.Namespace, batches: int) -> dict:
+    """Per-batch gradient statistics of each gradient at the initial student (learning rate 0), on the same prompts.
+
+    For each ``kl_gradient``: the norm of the mean gradient over ``batches`` generation batches of ``batch_size``
+    completions, the trace of the per-batch covariance (total variance), and the noise-to-signal ratio trace /
+    |mean|^2 (how many batches it takes for the mean to stand out of the noise); and the cosine between the two mean
+    gradients.
+    """
+    import random
+
+    import torch
+    from datasets import Dataset
+
+    from ..trainers.distillation import DistillationConfig, DistillationTrainer
+    from .review_lm import load_review_lm, review_prompts
+
+    torch.set_num_threads(opts.torch_threads)
+    teacher, tokenizer = load_review_lm(opts.cache_dir)
+    train_prompts = review_prompts("train")
+    rng = random.Random(0)
+    batch_prompts = [rng.sample(train_prompts, opts.batch_size) for _ in range(batches)]
+    out: dict[str, Any] = {"batches": batches, "batch_size": opts.batch_size}
+    means = {}
+    for gradient in GRADIENTS:
+        args = DistillationConfig(output_dir=str(Path(opts.out) / "trainer" / f"noise-{gradient}"), kl_gradient=gradient,
+                                  learning_rate=0.0, per_device_train_batch_size=opts.batch_size, report_to=[],
+                                  max_completion_length=opts.max_new_tokens, use_cpu=True, bf16=False, save_strategy="no")  # fmt: skip
+        trainer = DistillationTrainer(_student_from(teacher, opts.student_layers), teacher, args=args,
+                                      train_dataset=Dataset.from_dict({"prompt": train_prompts}), processing_class=tokenizer)  # fmt: skip
+        trainer.model.train()
+        params = [p for p in trainer.model.parameters() if p.requires_grad]
+        grads = []
+        for b, prompts in enumerate(batch_prompts):
+            torch.manual_seed(b)
+            inputs = trainer._generate_and_score_completions([{"prompt": p} for p in prompts])
+            loss = trainer.compute_loss(trainer.model, inputs, num_items_in_batch=inputs["num_items_in_batch"])
+            grads.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)]).double())
+        g = torch.stack(grads)
+        means[gradient] = g.mean(0)
+        signal, noise = float(means[gradient].norm() ** 2), float(g.var(0).sum())
+        out[gradient] = {"mean_grad_norm": signal**0.5, "per_batch_variance_trace": noise, "noise_to_signal": noise / signal}
+    out["cosine_of_means"] = float(torch.nn.functional.cosine_similarity(means["rb"], means["pathwise"], dim=0))
+    return out
+
+
+def _mean_se(values: list[float]) -> tuple[float, float]:
+    a = np.asarray(values, dtype=float)
+    return float(a.mean()), float(a.std(ddof=1) / math.sqrt(a.size)) if a.size > 1 else float("nan")
+
+
+def summarize(records: list[dict]) -> dict:
+    """Per learning rate: KL at equal steps and at equal wall time per gradient (mean +- SE over seeds), and the
+    rb - pathwise differences paired by seed."""
+    return {f"{lr:g}": _summarize_lr([r for r in records if r["lr"] == lr]) for lr in sorted({r["lr"] for r in records})}
+
+
+def _summarize_lr(records: list[dict]) -> dict:
+    by = {g: {r["seed"]: r for r in records if r["gradient"] == g} for g in GRADIENTS}
+    final_time = {g: float(np.mean([r["curve"][-1]["train_seconds"] for r in by[g].values()])) for g in GRADIENTS}
+    budget = min(final_time.values())
+
+    def at_time(record: dict) -> float:
+        c = record["curve"]
+        return float(np.interp(budget, [p["train_seconds"] for p in c], [p["kl_rb"] for p in c]))
+
+    def final(record: dict) -> float:
+        return record["curve"][-1]["kl_rb"]
+
+    out: dict[str, Any] = {"equal_wall_time_seconds": budget, "mean_train_seconds": final_time, "methods": {}}
+    for g in GRADIENTS:
+        runs = list(by[g].values())
+        out["methods"][g] = {
+            "seeds": sorted(by[g]),
+            "initial_kl": _mean_se([r["curve"][0]["kl_rb"] for r in runs]),
+            "kl_equal_steps": _mean_se([final(r) for r in runs]),
+            "kl_equal_time": _mean_se([at_time(r) for r in runs]),
+        }
+    paired = sorted(set(by["rb"]) & set(by["pathwise"]))
+    out["rb_minus_pathwise_equal_steps"] = _mean_se([final(by["rb"][s]) - final(by["pathwise"][s]) for s in paired])
+    out["rb_minus_pathwise_equal_time"] = _mean_se([at_time(by["rb"][s]) - at_time(by["pathwise"][s]) for s in paired])
+    return out
+
+
+def _table(summary: dict) -> str:
+    def fmt(pair: tuple[float, float]) -> str:
+        return f"{pair[0]:.3f} +- {pair[1]:.3f}"
+
+    rows = ["| lr | gradient | seeds | KL at step 0 | KL at equal steps | KL at equal wall time | train s (mean) |",
+            "|---|---|---|---|---|---|---|"]  # fmt: skip
+    notes = []
+    for lr, part in summary.items():
+        if lr == "gradient_noise":
+            continue
+        for g, m in part["methods"].items():
+            rows.append(f"| {lr} | {g} | {len(m['seeds'])} | {fmt(m['initial_kl'])} | {fmt(m['kl_equal_steps'])} | "
+                        f"{fmt(m['kl_equal_time'])} | {part['mean_train_seconds'][g]:.0f} |")  # fmt: skip
+        notes.append(f"lr {lr}: rb - pathwise (paired by seed): equal steps {fmt(part['rb_minus_pathwise_equal_steps'])}, "
+                     f"equal wall time ({part['equal_wall_time_seconds']:.0f} s) {fmt(part['rb_minus_pathwise_equal_time'])}")  # fmt: skip
+    noise = summary.get("gradient_noise")
+    if noise:
+        notes.append(f"\ngradient noise at the initial student ({noise['batches']} batches of {noise['batch_size']}):")
+        for g in GRADIENTS:
+            n = noise[g]
+            notes.append(f"  {g}: |mean grad| {n['mean_grad_norm']:.4g}, per-batch variance (trace) "
+                         f"{n['per_batch_variance_trace']:.4g}, noise / signal {n['noise_to_signal']:.3g}")  # fmt: skip
+        notes.append(f"  cosine(mean rb, mean pathwise) {noise['cosine_of_means']:.3f}")
+    return "\n".join(rows + [""] + notes)
+
+
+def plot(records: list[dict], png: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    styles = ("-", "--", ":", "-.")
+    for (g, color), (i, lr) in itertools.product(zip(GRADIENTS, ("tab:orange", "tab:blue"), strict=True),
+                                                 enumerate(sorted({r["lr"] for r in records}))):  # fmt: skip
+        runs = [r for r in records if r["gradient"] == g and r["lr"] == lr]
+        if not runs:
+            continue
+        kl = np.array([[p["kl_rb"] for p in r["curve"]] for r in runs])
+        mean = kl.mean(0)
+        se = kl.std(0, ddof=1) / math.sqrt(len(runs)) if len(runs) > 1 else np.zeros_like(mean)
+        for ax, x in ((axes[0], [p["step"] for p in runs[0]["curve"]]),
+                      (axes[1], np.array([[p["train_seconds"] for p in r["curve"]] for r in runs]).mean(0))):  # fmt: skip
+            ax.plot(x, mean, color=color, linestyle=styles[i % len(styles)], label=f"{g}, lr {lr:g} ({len(runs)} seeds)")
+            ax.fill_between(x, mean - se, mean + se, color=color, alpha=0.2)
+    axes[0].set_xlabel("training step")
+    axes[1].set_xlabel("training wall time, s (evaluation excluded)")
+    axes[0].set_ylabel("KL(student || teacher), test prompts (RB estimate)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="trl-rb distill-study", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--out", default="outputs/distillation-study", help="output folder (resumes runs found there)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--gradients", nargs="+", choices=GRADIENTS, default=list(GRADIENTS))
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--lrs", type=float, nargs="+", default=[3e-4, 1e-3], help="learning rates (each with every gradient)")
+    p.add_argument("--batch_size", type=int, default=16, help="completions per step (one per prompt)")
+    p.add_argument("--max_new_tokens", type=int, default=24, help="completion length limit, training and evaluation")
+    p.add_argument("--student_layers", type=int, default=1)
+    p.add_argument("--eval_every", type=int, default=25)
+    p.add_argument("--eval_prompts", type=int, default=64)
+    p.add_argument("--eval_samples", type=int, default=4, help="completions per test prompt")
+    p.add_argument("--torch_threads", type=int, default=1)
+    p.add_argument("--cache_dir", default=None, help="review LM cache folder (default: ~/.cache/trl-rb)")
+    p.add_argument("--no_progress", dest="progress", action="store_false")
+    p.add_argument("--noise_batches", type=int, default=32,
+                   help="batches for the gradient-noise measurement at the initial student (0: skip it)")  # fmt: skip
+    opts = p.parse_args(argv)
+    if opts.steps % opts.eval_every:
+        p.error(f"--steps {opts.steps} must be a multiple of --eval_every {opts.eval_every} (equal-steps comparison).")
+    return opts
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = parse_args(argv)
+    runs_dir = Path(opts.out) / "runs"
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    records = []
+    for lr, seed, gradient in itertools.product(opts.lrs, opts.seeds, opts.gradients):
+        path = runs_dir / f"{_run_name(gradient, lr, seed)}.json"
+        if not path.exists():
+            print(f"[distill-study] {gradient} lr {lr:g} seed {seed}", file=sys.stderr, flush=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(run_one(gradient, lr, seed, opts), indent=1))
+            tmp.replace(path)  # a run's file appears only once it is complete
+        records.append(json.loads(path.read_text()))
+    title = f"Review LM (2 layers) -> {opts.student_layers}-layer student, on-policy distillation"
+    plot(records, Path(opts.out) / "distillation_study.png", title)
+    if set(opts.gradients) == set(GRADIENTS):
+        summary = summarize(records)
+        (Path(opts.out) / "summary.json").write_text(json.dumps(summary, indent=1))
+        if opts.noise_batches:
+            noise_path = Path(opts.out) / "gradient_noise.json"
+            if not noise_path.exists():
+                noise_path.write_text(json.dumps(gradient_noise(opts, opts.noise_batches), indent=1))
+            summary["gradient_noise"] = json.loads(noise_path.read_text())
+            (Path(opts.out) / "summary.json").write_text(json.dumps(summary, indent=1))
+        table = _table(summary)
+        (Path(opts.out) / "summary.md").write_text(table + "\n")
+        print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
