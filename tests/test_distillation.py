@@ -83,9 +83,9 @@ def full_logit_terms(trainer, teacher, inputs, temperature: float):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def test_default_is_rb_and_names_are_checked(tmp_path):
-    assert DistillationConfig(output_dir=str(tmp_path), use_cpu=True).kl_gradient == "rb"
-    assert DistillationConfig(output_dir=str(tmp_path), use_cpu=True, kl_gradient="PathWise").kl_gradient == "pathwise"
+def test_default_is_pathwise_and_names_are_checked(tmp_path):
+    assert DistillationConfig(output_dir=str(tmp_path), use_cpu=True).kl_gradient == "pathwise"
+    assert DistillationConfig(output_dir=str(tmp_path), use_cpu=True, kl_gradient="RB").kl_gradient == "rb"
     with pytest.raises(ValueError, match="kl_gradient='sampled' is not one of"):
         DistillationConfig(output_dir=str(tmp_path), use_cpu=True, kl_gradient="sampled")
 
@@ -112,13 +112,13 @@ def test_pathwise_allows_trl_settings(tmp_path):
     assert trainer.kl_gradient == "pathwise" and not trainer._replaces_loss
 
 
-def test_plain_trl_config_gets_rb(tmp_path):
+def test_plain_trl_config_gets_trls_gradient_and_the_metrics(tmp_path):
     student, teacher = tiny_gpt2_pair(VOCAB, seed=0, **MODEL_KW)
     args = trl.DistillationConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to=[],
                                   max_completion_length=MAX_LEN, per_device_train_batch_size=4)  # fmt: skip
     trainer = DistillationTrainer(student, teacher, args=args, processing_class=tiny_tokenizer(),
                                   train_dataset=Dataset.from_dict({"prompt": [PROMPT] * 8}))  # fmt: skip
-    assert trainer.kl_gradient == "rb"
+    assert trainer.kl_gradient == "pathwise" and trainer._replaces_loss  # kl/rb and kl/k1 are logged
 
 
 # ----------------------------------------------------------------------------------------------------------------

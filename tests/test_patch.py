@@ -136,7 +136,7 @@ def test_trl_rb_grpo_rloo_cli_with_trl_flags(tmp_path, script, extra):
 @pytest.mark.slow
 def test_trl_rb_distill_cli_with_trl_flags(tmp_path):
     """trl's `trl distillation` command line (student and teacher folders, a local dataset) trains with trl-rb's
-    DistillationTrainer (kl_gradient='rb' by default) and logs kl/rb; an rb-incompatible flag exits 2 with the fix."""
+    DistillationTrainer (--kl_gradient rb) and logs kl/rb; an rb-incompatible flag exits 2 with the fix."""
     from test_rloo import build_lm
 
     student, teacher = build_lm(tmp_path / "student", seed=1), build_lm(tmp_path / "teacher", seed=0)
@@ -148,7 +148,7 @@ def test_trl_rb_distill_cli_with_trl_flags(tmp_path):
            "--teacher_model_name_or_path", teacher, "--dataset_name", str(data), "--output_dir", str(out),
            "--max_steps", "2", "--logging_steps", "1", "--per_device_train_batch_size", "8",
            "--max_completion_length", "6", "--use_cpu", "true", "--bf16", "false", "--report_to", "none",
-           "--save_strategy", "no", "--disable_tqdm", "true"]  # fmt: skip
+           "--save_strategy", "no", "--disable_tqdm", "true", "--kl_gradient", "rb"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]

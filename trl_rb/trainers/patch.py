@@ -4,8 +4,8 @@
 After ``trl_rb.patch_trl()``, ``trl.GRPOTrainer``, ``trl.GRPOConfig``, ``trl.RLOOTrainer``, ``trl.RLOOConfig``,
 ``trl.DistillationTrainer`` and ``trl.DistillationConfig``
 (attribute access, and any later ``from trl import ...``, also through ``trl.trainer``) are trl-rb's subclasses, so
-the RB KL (trl-rb's default estimator) applies as soon as the script sets a ``beta`` (and distillation trains with the
-RB gradient, ``kl_gradient="rb"``); ``trl.trainer.utils.compute_kl``
+the RB KL (trl-rb's default estimator) applies as soon as the script sets a ``beta`` (distillation keeps trl's
+gradient by default, ``kl_gradient="pathwise"``, and logs ``kl/rb``); ``trl.trainer.utils.compute_kl``
 is ``trl_rb.compute_kl`` (the research fork's function). ``unpatch_trl()`` restores trl exactly. A script that
 already ran ``from trl import GRPOTrainer`` before the patch keeps the class it imported: patch first. Without editing
 the script: ``trl-rb run script.py [args...]``.
