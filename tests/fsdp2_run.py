@@ -4,8 +4,9 @@ Run by ``tests/test_fsdp2.py`` as ``torchrun --nproc_per_node 2 tests/fsdp2_run.
 batch: the policy's last hidden states are captured from its forward as the trainers capture them, and the weighted
 KL sum (``weighted_kl_sum_from_hidden``, whose heads go through ``gathered_heads``) is backpropagated. FSDP2 averages
 the gradients over the ranks; rank 0 writes the per-rank values and the full (gathered) gradients, and the same
-quantities computed by one process on unsharded copies of the same model, to OUT as a torch file. Two terms (the RL
-trainers' weighted KL sum; the distillation trainer's rb loss on trl's kernels), each in two cases: a tied
+quantities computed by one process on unsharded copies of the same model, to OUT as a torch file. Three terms (the RL
+trainers' weighted KL sum; the distillation trainer's rb loss on trl's kernels; trl's own distillation loss, for the
+record), each in two cases: a tied
 head in the root group (unsharded right after the forward), and an untied head in a group of its own (still DTensor
 shards, made whole by ``full_tensor()``, whose backward must return the gradients to the shards).
 """
@@ -70,7 +71,19 @@ def distillation_term(policy, reference, ids, mask) -> torch.Tensor:
     return distillation_loss(terms, "rb", BATCH * COMPLETION)
 
 
-TERMS = {"rl": kl_term, "distillation": distillation_term}
+def trl_distillation_term(policy, reference, ids, mask) -> torch.Tensor:
+    """trl 1.16's own distillation loss (``_chunked_divergence_loss``, beta=1): it calls plain ``full_tensor()``."""
+    from trl.trainer.distillation_trainer import _chunked_divergence_loss
+
+    hp, hq = hidden_pair(policy, reference, ids, mask)
+    sp, rp = head_params(policy), head_params(reference)
+    loss, _, _ = _chunked_divergence_loss(hp, hq, sp.weight, rp.weight, mask[:, -COMPLETION:], 1.0,
+                                          num_items_in_batch=BATCH * COMPLETION, student_lm_head_bias=sp.bias,
+                                          teacher_lm_head_bias=rp.bias, temperature=0.7)  # fmt: skip
+    return loss
+
+
+TERMS = {"rl": kl_term, "distillation": distillation_term, "trl distillation": trl_distillation_term}
 
 
 def full_grads(model) -> dict[str, torch.Tensor]:
