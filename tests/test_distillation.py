@@ -227,3 +227,19 @@ def test_training_lowers_the_exact_kl(tmp_path, kl_gradient):
     assert len(logged) == 12 and all(h["kl/rb"] >= 0 for h in logged)
     print(kl_gradient, before, after)
     assert after < 0.6 * before, (before, after)
+
+
+def test_rb_gradient_accumulation_splits_the_generation_batch_exactly(tmp_path):
+    """trl generates once per accumulation cycle and splits the batch; rb divides every micro-batch by the whole
+    generation batch's size (and trl does not rescale for accumulation), so the micro-batch gradients add up to the
+    full batch's."""
+    from trl.trainer.utils import split_tensor_dict
+
+    trainer, _, _ = make_distiller("rb", tmp_path, batch=16)
+    inputs = generation_batch(trainer, 32, seed=3)
+    params = [p for p in trainer.model.parameters() if p.requires_grad]
+    whole = flat_grads(trainer.compute_loss(trainer.model, inputs), params)
+    halves = split_tensor_dict(inputs, 2)
+    assert all(int(h["trl_rb_num_sequences"]) == 32 and h["completion_ids"].shape[0] == 16 for h in halves)
+    summed = sum(flat_grads(trainer.compute_loss(trainer.model, h), params) for h in halves)
+    torch.testing.assert_close(summed, whole, rtol=1e-6, atol=1e-9)
