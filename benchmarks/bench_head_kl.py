@@ -44,14 +44,13 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from trainer_bench import _rss_kib  # noqa: E402  (a sibling script, not a package)
+from trainer_bench import _rss_kib, available_bytes, run_worker  # noqa: E402  (a sibling script, not a package)
 
 METHODS = ("trl_kernel", "linear_token_kl", "linear_weighted_kl_sum", "floor")
 # name -> (hidden size H, vocabulary size V) of the LM head.
@@ -230,19 +229,7 @@ def _worker_time(head: str, n: int, repeats: int, methods: list[str], backward: 
 
 
 def _run_worker(args: list[str], threads: int) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", *args, "--threads", str(threads)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"}
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def _available_bytes() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    return run_worker(__file__, args, threads)
 
 
 def _need_bytes(n: int, h: int, v: int) -> int:
@@ -281,7 +268,7 @@ def _ratio(a: float | None, b: float | None) -> str:
 def _run_case(head: str, n: int, repeats: int, threads: int, backward: bool, full_warm_up: bool) -> dict:
     h, v = HEADS[head]
     row: dict[str, Any] = {"head": head, "N": n, "H": h, "V": v, "need_bytes": _need_bytes(n, h, v)}
-    if row["need_bytes"] > _available_bytes() * _MEM_FRACTION:
+    if row["need_bytes"] > available_bytes() * _MEM_FRACTION:
         print(f"{head} N={n}: skipped (memory)", file=sys.stderr, flush=True)
         return {**row, "skipped": "memory"}
     print(f"{head} (H={h}, V={v}) N={n}: timing, then memory ...", file=sys.stderr, flush=True)

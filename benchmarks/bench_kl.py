@@ -22,12 +22,11 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from trainer_bench import _rss_kib  # noqa: E402  (a sibling script, not a package)
+from trainer_bench import _rss_kib, available_bytes, run_worker  # noqa: E402  (a sibling script, not a package)
 
 METHODS = ("floor", "research", "token_kl")
 MiB = 2**20
@@ -107,19 +106,7 @@ def _worker_time(n: int, v: int, repeats: int, methods: list[str], backward_meth
 
 
 def _run_worker(args: list[str], threads: int) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", *args, "--threads", str(threads)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"}
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def _available_bytes() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    return run_worker(__file__, args, threads)
 
 
 def _fmt_ms(seconds: float | None) -> str:
@@ -139,7 +126,7 @@ def run(sizes: list[int], vocabs: list[int], repeats: int, threads: int) -> list
     for v in vocabs:
         for n in sizes:
             nv = n * v * 4
-            avail = _available_bytes() * _MEM_FRACTION
+            avail = available_bytes() * _MEM_FRACTION
             fits = {m: (2 + _NEED_FWD[m]) * nv < avail for m in METHODS}
             fits_bwd = {m: (4 + _NEED_BWD[m]) * nv < avail for m in _NEED_BWD}
             methods = [m for m in METHODS if fits[m]]

@@ -50,6 +50,24 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status (Linux only)")
 
 
+def available_bytes() -> int:
+    """MemAvailable from /proc/meminfo, in bytes (0 where it cannot be read)."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def run_worker(script: str, args: list[str], threads: int) -> dict:
+    """Run ``script --worker ARGS --threads T`` in a fresh process; its last stdout line as JSON, or {"error": ...}."""
+    cmd = [sys.executable, os.path.abspath(script), "--worker", *args, "--threads", str(threads)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def build_model(path: str, vocab: int, n_embd: int, n_layer: int) -> None:
     """Save a randomly initialised GPT-2 and a word-level tokenizer (tokens ``t0``, ``t1``, ...) to ``path``."""
     import torch
