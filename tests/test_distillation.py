@@ -23,7 +23,7 @@ from test_grpo_unbiased import z_statistics
 
 from trl_rb.exact import exact_kl, exact_kl_and_grad
 from trl_rb.kl import future_sum, token_kl, token_logprobs
-from trl_rb.trainers.distillation import DistillationConfig, DistillationTrainer
+from trl_rb.trainers.distillation import NUM_SEQUENCES_KEY, DistillationConfig, DistillationTrainer
 
 MAX_LEN, BATCH, NB, SEED0 = 3, 64, 200, 20_000
 EOS = VOCAB - 1
@@ -156,7 +156,7 @@ def test_pathwise_is_trls_loss(tmp_path):
     ours, _, _ = make_distiller("pathwise", tmp_path / "ours", batch=32)
     stock, _, _ = make_distiller("pathwise", tmp_path / "trl", batch=32, trainer_cls=trl.DistillationTrainer)
     inputs = generation_batch(ours, 32, seed=2)
-    inputs_trl = {k: v for k, v in inputs.items() if k != "trl_rb_num_sequences"}
+    inputs_trl = {k: v for k, v in inputs.items() if k != NUM_SEQUENCES_KEY}
     stock.model.train()
     for (name, a), b in zip(ours.model.named_parameters(), stock.model.parameters(), strict=True):
         assert torch.equal(a, b), name
@@ -240,6 +240,6 @@ def test_rb_gradient_accumulation_splits_the_generation_batch_exactly(tmp_path):
     params = [p for p in trainer.model.parameters() if p.requires_grad]
     whole = flat_grads(trainer.compute_loss(trainer.model, inputs), params)
     halves = split_tensor_dict(inputs, 2)
-    assert all(int(h["trl_rb_num_sequences"]) == 32 and h["completion_ids"].shape[0] == 16 for h in halves)
+    assert all(int(h[NUM_SEQUENCES_KEY]) == 32 and h["completion_ids"].shape[0] == 16 for h in halves)
     summed = sum(flat_grads(trainer.compute_loss(trainer.model, h), params) for h in halves)
     torch.testing.assert_close(summed, whole, rtol=1e-6, atol=1e-9)

@@ -50,7 +50,7 @@ _ALIASES = {alias: name for name, aliases in ESTIMATORS.items() for alias in (na
 _CHUNK_ELEMENTS = 2**18
 # linear_token_kl and linear_weighted_kl_sum multiply each chunk of hidden states by the whole [V, H] LM-head weight,
 # so every chunk streams the head through memory: a chunk must be hundreds of rows tall for the products to be
-# compute-bound rather than memory-bound (on CPU and more so on accelerators). Measured at the Qwen2.5-0.5B head
+# compute-bound rather than memory-bound. Measured at the Qwen2.5-0.5B head
 # (H=896, V=151936, N=512, 2 CPU threads): linear_weighted_kl_sum value+gradient 16.5 s with the former 27-row
 # chunks (a 2**22-element budget), 8.9 s with 128 rows, 7.5 s with 512 rows. The default is a row count, capped so
 # that one [chunk, V] float32 buffer stays within 2**26 elements (256 MiB; three to five are live, reused across

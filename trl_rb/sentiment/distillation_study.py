@@ -53,18 +53,34 @@ def _kl_on_test(student: Any, teacher: Any, tokenizer: Any, prompts: list[str], 
             "kl_k1": float(result.values["k1"].mean())}  # fmt: skip
 
 
-def run_one(gradient: str, lr: float, seed: int, opts: argparse.Namespace) -> dict:
-    """Train one student; returns its record (settings and the evaluation curve)."""
+def _distiller(gradient: str, name: str, opts: argparse.Namespace, callbacks: list | None = None, **config: Any):
+    """A DistillationTrainer of a fresh student from the review LM on the training prompts, with the study's
+    settings (``config``: the fields that differ between uses). Returns (trainer, teacher, tokenizer)."""
     import torch
     from datasets import Dataset
-    from transformers import TrainerCallback
 
     from ..trainers.distillation import DistillationConfig, DistillationTrainer
     from .review_lm import load_review_lm, review_prompts
 
     torch.set_num_threads(opts.torch_threads)
     teacher, tokenizer = load_review_lm(opts.cache_dir)
-    student = _student_from(teacher, opts.student_layers)
+    args = DistillationConfig(
+        output_dir=str(Path(opts.out) / "trainer" / name), kl_gradient=gradient,
+        per_device_train_batch_size=opts.batch_size, max_completion_length=opts.max_new_tokens, save_strategy="no",
+        report_to=[], use_cpu=True, bf16=False, **config,
+    )  # fmt: skip
+    trainer = DistillationTrainer(_student_from(teacher, opts.student_layers), teacher, args=args,
+                                  train_dataset=Dataset.from_dict({"prompt": review_prompts("train")}),
+                                  processing_class=tokenizer, callbacks=callbacks)  # fmt: skip
+    return trainer, teacher, tokenizer
+
+
+def run_one(gradient: str, lr: float, seed: int, opts: argparse.Namespace) -> dict:
+    """Train one student; returns its record (settings and the evaluation curve)."""
+    from transformers import TrainerCallback
+
+    from .review_lm import review_prompts
+
     test_prompts = review_prompts("test")[: opts.eval_prompts]
     curve: list[dict] = []
 
@@ -77,7 +93,7 @@ def run_one(gradient: str, lr: float, seed: int, opts: argparse.Namespace) -> di
         def record(self, step: int) -> None:
             t0 = time.perf_counter()
             point = {"step": step, "train_seconds": t0 - self.start - self.excluded}
-            point.update(_kl_on_test(student, teacher, tokenizer, test_prompts, opts))
+            point.update(_kl_on_test(trainer.model, teacher, tokenizer, test_prompts, opts))
             curve.append(point)
             self.excluded += time.perf_counter() - t0
 
@@ -89,15 +105,10 @@ def run_one(gradient: str, lr: float, seed: int, opts: argparse.Namespace) -> di
             if state.global_step % opts.eval_every == 0:
                 self.record(state.global_step)
 
-    args = DistillationConfig(
-        output_dir=str(Path(opts.out) / "trainer" / _run_name(gradient, lr, seed)), kl_gradient=gradient, seed=seed,
-        max_steps=opts.steps, learning_rate=lr, per_device_train_batch_size=opts.batch_size,
-        max_completion_length=opts.max_new_tokens, logging_steps=opts.eval_every, save_strategy="no", report_to=[],
-        use_cpu=True, bf16=False, disable_tqdm=not opts.progress, lr_scheduler_type="constant",
+    trainer, teacher, tokenizer = _distiller(
+        gradient, _run_name(gradient, lr, seed), opts, [Evaluate()], seed=seed, max_steps=opts.steps, learning_rate=lr,
+        logging_steps=opts.eval_every, disable_tqdm=not opts.progress, lr_scheduler_type="constant",
     )  # fmt: skip
-    prompts = Dataset.from_dict({"prompt": review_prompts("train")})
-    trainer = DistillationTrainer(student, teacher, args=args, train_dataset=prompts, processing_class=tokenizer,
-                                  callbacks=[Evaluate()])  # fmt: skip
     trainer.train()
     settings = ("steps", "batch_size", "max_new_tokens", "student_layers", "eval_prompts", "eval_samples")
     return {"gradient": gradient, "lr": lr, "seed": seed, "curve": curve,
@@ -119,24 +130,15 @@ def gradient_noise(opts: argparse.Namespace, batches: int) -> dict:
     import random
 
     import torch
-    from datasets import Dataset
 
-    from ..trainers.distillation import DistillationConfig, DistillationTrainer
-    from .review_lm import load_review_lm, review_prompts
+    from .review_lm import review_prompts
 
-    torch.set_num_threads(opts.torch_threads)
-    teacher, tokenizer = load_review_lm(opts.cache_dir)
-    train_prompts = review_prompts("train")
     rng = random.Random(0)
-    batch_prompts = [rng.sample(train_prompts, opts.batch_size) for _ in range(batches)]
+    batch_prompts = [rng.sample(review_prompts("train"), opts.batch_size) for _ in range(batches)]
     out: dict[str, Any] = {"batches": batches, "batch_size": opts.batch_size}
     means = {}
     for gradient in GRADIENTS:
-        args = DistillationConfig(output_dir=str(Path(opts.out) / "trainer" / f"noise-{gradient}"), kl_gradient=gradient,
-                                  learning_rate=0.0, per_device_train_batch_size=opts.batch_size, report_to=[],
-                                  max_completion_length=opts.max_new_tokens, use_cpu=True, bf16=False, save_strategy="no")  # fmt: skip
-        trainer = DistillationTrainer(_student_from(teacher, opts.student_layers), teacher, args=args,
-                                      train_dataset=Dataset.from_dict({"prompt": train_prompts}), processing_class=tokenizer)  # fmt: skip
+        trainer, _, _ = _distiller(gradient, f"noise-{gradient}", opts, learning_rate=0.0)
         trainer.model.train()
         params = [p for p in trainer.model.parameters() if p.requires_grad]
         grads = []

@@ -157,9 +157,13 @@ class DistillationTrainer(trl.DistillationTrainer):
             model, teacher_model, args, train_dataset, eval_dataset, processing_class, callbacks, optimizers,
             quantization_config, peft_config, tools,
         )  # fmt: skip
-        self._replaces_loss = self.beta == REVERSE_KL
         if self._replaces_loss:
             _check_fsdp_version(self)
+
+    @property
+    def _replaces_loss(self) -> bool:
+        """Whether trl-rb computes the loss (and the kl/rb, kl/k1 metrics): for the reverse KL, beta=1.0."""
+        return self.beta == REVERSE_KL
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         output = super()._generate_and_score_completions(inputs)

@@ -67,6 +67,20 @@ def _scatter(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return values.new_zeros(mask.shape).masked_scatter(mask, values)
 
 
+def _sampled_logprob(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    head: HeadParams,
+    targets: torch.Tensor,
+    temperature: float,
+) -> torch.Tensor:
+    """log softmax(z / T)[target] per row [n] with trl's chunked log-prob kernel (``head`` gives the logit transform)."""
+    return ChunkedLogProbFunction.apply(
+        hidden, weight, bias, targets, temperature, _CHUNKED_LOGPROB_CHUNK_SIZE, head.softcap, head.logit_scale, ()
+    )[0]
+
+
 def reverse_kl_terms(
     student_hidden: torch.Tensor,
     student_head: HeadParams,
@@ -109,13 +123,9 @@ def reverse_kl_terms(
             s.logit_scale, s.softcap, t.logit_scale, t.softcap,
         )  # fmt: skip
         with torch.set_grad_enabled(logprob_grad and torch.is_grad_enabled()):
-            logprob = ChunkedLogProbFunction.apply(
-                h_s, s.weight, s.bias, targets, temperature, _CHUNKED_LOGPROB_CHUNK_SIZE, s.softcap, s.logit_scale, ()
-            )[0]
+            logprob = _sampled_logprob(h_s, s.weight, s.bias, s, targets, temperature)
         with torch.no_grad():
-            teacher_logprob = ChunkedLogProbFunction.apply(
-                h_t, t_weight, t_bias, targets, temperature, _CHUNKED_LOGPROB_CHUNK_SIZE, t.softcap, t.logit_scale, ()
-            )[0]
+            teacher_logprob = _sampled_logprob(h_t, t_weight, t_bias, t, targets, temperature)
     return DistillationTerms(
         divergence=_scatter(divergence.float(), mask),
         logprob=_scatter(logprob.float(), mask),

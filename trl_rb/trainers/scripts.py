@@ -1,13 +1,13 @@
 """``trl-rb grpo`` / ``rloo`` / ``distill``: trl's own ``trl grpo`` / ``rloo`` / ``distillation`` scripts, run with
 trl-rb's trainers.
 
-The command lines are trl 1.16's (``trl/scripts/grpo.py``, ``rloo.py``, ``distillation.py``: ``ScriptArguments``, ``ModelConfig``,
-``DatasetMixtureConfig``, ``--config recipe.yaml``, ``--reward_funcs`` by name or import path,
-``--reward_model_name_or_path``, ``--use_peft`` and the ``--lora_*`` flags, local folders for ``--model_name_or_path``
-and ``--dataset_name``), plus trl-rb's config fields (``--kl_estimator``, ``--stepwise`` for RLOO, ``--kl_gradient`` for distillation,
-whose script also takes ``--teacher_model_name_or_path``). Nothing of the
-scripts is copied: ``trl_rb.patch_trl()`` makes the ``from trl import GRPOConfig, GRPOTrainer`` inside them resolve
-to trl-rb's classes, then trl's ``make_parser`` and ``main`` run as they are.
+The command lines are trl 1.16's (``trl/scripts/grpo.py``, ``rloo.py``, ``distillation.py``: ``ScriptArguments``,
+``ModelConfig``, ``DatasetMixtureConfig``, ``--config recipe.yaml``, ``--reward_funcs`` by name or import path,
+``--reward_model_name_or_path``, ``--teacher_model_name_or_path``, ``--use_peft`` and the ``--lora_*`` flags, local
+folders for ``--model_name_or_path`` and ``--dataset_name``), plus trl-rb's config fields (``--kl_estimator``,
+``--stepwise`` for RLOO, ``--kl_gradient`` for distillation). Nothing of the scripts is copied: ``trl_rb.patch_trl()``
+makes the ``from trl import GRPOConfig, GRPOTrainer`` inside them resolve to trl-rb's classes, then trl's
+``make_parser`` and ``main`` run as they are.
 """
 
 from __future__ import annotations
