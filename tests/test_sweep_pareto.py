@@ -60,6 +60,7 @@ def test_pareto_cli_bad_input(tmp_path, capsys):
 
 
 def _sweep_config(tmp_path, **overrides):
+    """A sweep YAML; an override of None removes that key."""
     data = {
         "output_dir": str(tmp_path / "sweep"),
         "methods": ["MC", "rb"],
@@ -68,6 +69,7 @@ def _sweep_config(tmp_path, **overrides):
         "args": {"max_steps": 3, "eval_prompts": 4},
     }
     data.update(overrides)
+    data = {k: v for k, v in data.items() if v is not None}
     path = tmp_path / "sweep.yaml"
     import yaml
 
@@ -111,9 +113,31 @@ def test_sweep_runs_every_combination_and_resumes(tmp_path, monkeypatch, capsys)
     assert sweep.main([str(config)]) == 0 and calls == []
 
 
+def test_sweep_arms_give_each_trainer_its_methods_coefficients_and_flags(tmp_path):
+    arms = [{"trainer": "rloo", "methods": ["MC", "RB"]},
+            {"trainer": "grpo", "methods": ["k3", "RB"], "kl_coefs": [1.0], "args": {"loss_type": "dr_grpo", "max_steps": 5}}]  # fmt: skip
+    config = sweep.load_sweep_config(_sweep_config(tmp_path, methods=None, arms=arms))
+    runs = dict(sweep.sweep_runs(config))
+    assert config.n_runs == len(runs) == 6
+    assert sorted(runs) == sorted(["rloo-MC-beta0.1-seed0", "rloo-MC-beta0.5-seed0", "rloo-RB-beta0.1-seed0",
+                                   "rloo-RB-beta0.5-seed0", "grpo-K3-beta1-seed0", "grpo-RB-beta1-seed0"])  # fmt: skip
+    grpo = runs["grpo-K3-beta1-seed0"]
+    flags = dict(zip(grpo[10::2], grpo[11::2], strict=True))
+    assert flags == {"--max_steps": "5", "--eval_prompts": "4", "--loss_type": "dr_grpo"}  # the arm's value wins
+    assert "--loss_type" not in runs["rloo-MC-beta0.1-seed0"]
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
+        ({"arms": [{"trainer": "rloo", "methods": ["MC"]}]}, "remove the top-level ['methods']"),
+        ({"methods": None, "arms": [{"trainer": "rloo", "methods": ["MC"], "betas": [1]}]}, "arms[0] needs trainer"),
+        ({"methods": None, "arms": [{"trainer": "rloo", "methods": ["MC"]}, {"trainer": "rloo", "methods": ["RB"]}]},
+         "a trainer appears in two arms"),
+        ({"methods": None, "arms": [{"trainer": "rloo", "methods": ["MC"], "args": {"beta": 1}}]},
+         "arms[0].args sets ['beta']"),
+        ({"methods": None, "arms": [{"trainer": "rloo", "methods": ["MC"], "kl_coefs": [-1]}]},
+         "arms[0].kl_coefs must be >= 0"),
         ({"methods": ["PPO"]}, "unknown trainer/method ['PPO']"),
         ({"kl_coefs": [-1]}, "kl_coefs must be >= 0"),
         ({"args": {"seed": 3}}, "args sets ['seed']"),
@@ -149,3 +173,10 @@ def test_real_sweep_of_one_run_then_pareto(tmp_path, monkeypatch, tmp_path_facto
     assert result["method"] == "RB" and result["beta"] == 0.1
     assert pareto.main([str(tmp_path / "sweep")]) == 0
     assert "RB: 100% of the frontier (1 of 1; 1 runs)" in capsys.readouterr().out
+    # Two more runs in two child processes (--jobs 2), each logging to its own file; the finished run is skipped.
+    config = _sweep_config(tmp_path, methods=["MC", "RB"], kl_coefs=[0.1], args=args)
+    assert sweep.main([str(config), "--jobs", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "finished earlier, skipped" in out and "sweep: 1 run, 1 skipped, 0 failed" in out
+    mc = json.loads((tmp_path / "sweep" / "rloo-MC-beta0.1-seed0" / "eval.json").read_text())
+    assert mc["method"] == "MC" and (tmp_path / "sweep" / "logs" / "rloo-MC-beta0.1-seed0.log").stat().st_size > 0

@@ -21,6 +21,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "prepare-imdb": ("trl_rb.sentiment.data", "turn a local IMDB copy into imdb-train.jsonl / imdb-test.jsonl prompt files"),
     "sweep": ("trl_rb.sentiment.sweep", "run methods x KL coefficients x seeds of the sentiment experiment, resumable"),
     "pareto": ("trl_rb.sentiment.pareto", "plot eval reward against eval KL for a folder of runs, with the frontier"),
+    "study": ("trl_rb.sentiment.study", "the powered estimator study: sweep, gradient noise, report with intervals"),
     "distill-study": (
         "trl_rb.sentiment.distillation_study",
         "distil the review LM into a 1-layer student: trl's pathwise gradient against the RB gradient, over seeds",
