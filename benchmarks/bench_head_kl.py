@@ -58,8 +58,9 @@ HEADS = {"qwen0.5b": (896, 151936), "llama3": (2048, 128256)}
 MiB = 2**20
 # Fraction of MemAvailable a case may plan to use (the machine is shared with other jobs).
 _MEM_FRACTION = 0.75
-# linear_token_kl / linear_weighted_kl_sum hold a few [2**22 / V, V] float32 buffers (16 MiB each): a generous bound.
-_LINEAR_BUFFERS = 12 * 16 * MiB
+# linear_token_kl / linear_weighted_kl_sum hold at most five [chunk, V] float32 buffers (chunk <= 256 rows): with one
+# more for temporaries, a generous bound.
+_LINEAR_BUFFERS_PER_ROW = 6 * 4
 # Vocabulary rows of the small warm-up call (memory workers always; timing in --quick).
 _WARM_VOCAB = 1024
 
@@ -238,8 +239,10 @@ def _need_bytes(n: int, h: int, v: int) -> int:
 
     inputs = 2 * (n * h + v * h) * 4
     grads = 2 * (n * h + v * h) * 4
+    from trl_rb.kl import _LINEAR_CHUNK_ROWS
+
     tiles = 2 * min(n, TOKEN_CHUNK_SIZE) * VOCAB_CHUNK_SIZE * 4
-    return inputs + grads + max(tiles, _LINEAR_BUFFERS)
+    return inputs + grads + max(tiles, _LINEAR_BUFFERS_PER_ROW * min(n, _LINEAR_CHUNK_ROWS) * v)
 
 
 def _machine() -> str:
