@@ -4,6 +4,7 @@ estimator names, and bad input."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from trl_rb.kl import (
     compute_kl,
     kl_estimate,
     kl_surrogate,
+    linear_kl_terms,
     linear_token_kl,
     linear_weighted_kl_sum,
     research_token_kl,
@@ -202,6 +204,45 @@ def test_linear_token_kl_equals_token_kl_on_materialized_logits(options):
         return linear_token_kl(hp, wp, hq, wq, **(kw | dict(bias_p=bp if bias else None, bias_q=bq if bias else None)))
 
     assert torch.autograd.gradcheck(fn, tuple(small), fast_mode=True)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(), dict(logit_scale_p=1.7, logit_scale_q=0.6, temperature=0.8), dict(softcap_p=2.0, softcap_q=5.0, temperature=1.3)],
+)
+def test_linear_kl_terms_equal_sequence_kl_terms_on_materialized_logits(options):
+    """r and K from hidden states and heads equal those from the logits, biases (one -inf entry) and chunks included."""
+    wp, bp = _head(11, 6, 0)
+    wq, bq = _head(11, 4, 1)
+    bq[7] = -math.inf  # the reference cannot emit token 7: K = +inf where the policy can, r = +inf where sampled
+    hp = torch.randn(2, 5, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    hq = torch.randn(2, 5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    tokens = torch.randint(0, 11, (2, 5), generator=torch.Generator().manual_seed(4))
+    tokens[0, 0] = 7
+    t = options.get("temperature", 1.0)
+
+    def materialize(h, w, b, scale, cap):
+        z = (h @ w.T + b) * scale
+        return cap * torch.tanh(z / cap) if cap is not None else z
+
+    out = linear_kl_terms(hp, wp, hq, wq, tokens, bias_p=bp, bias_q=bq, chunk_size=3, **options)
+    zp = materialize(hp, wp, bp, options.get("logit_scale_p", 1.0), options.get("softcap_p"))
+    zq = materialize(hq, wq, bq, options.get("logit_scale_q", 1.0), options.get("softcap_q"))
+    ref = sequence_kl_terms(zp, zq, tokens, torch.ones_like(tokens, dtype=torch.bool), temperature=t)
+    assert out["r"].dtype == out["K"].dtype == torch.float64 and out["r"].shape == (2, 5)
+    if options.get("softcap_q") is None:  # (a soft-cap maps the -inf logit to -softcap_q: finite)
+        assert torch.isinf(out["r"][0, 0]) and torch.isinf(out["K"]).all()
+    for name in ("r", "K"):
+        finite = torch.isfinite(ref[name])
+        assert torch.equal(finite, torch.isfinite(out[name])) and torch.equal(out[name][~finite], ref[name][~finite])
+        assert torch.allclose(out[name][finite], ref[name][finite], rtol=1e-12, atol=1e-12)
+    bq_finite = bq.clone()
+    bq_finite[7] = 0.0
+    k = linear_kl_terms(hp, wp, hq, wq, tokens, bias_p=bp, bias_q=bq_finite, **options)["K"]
+    zq = materialize(hq, wq, bq_finite, options.get("logit_scale_q", 1.0), options.get("softcap_q"))
+    assert torch.allclose(k, token_kl(zp, zq, temperature=t), rtol=1e-12, atol=1e-13)
+    with pytest.raises(ValueError, match="tokens must be long"):
+        linear_kl_terms(hp, wp, hq, wq, tokens.float(), bias_p=bp, bias_q=bq)
 
 
 def test_linear_token_kl_float32_and_bf16_weights():

@@ -27,6 +27,7 @@ __all__ = [
     "future_sum",
     "kl_estimate",
     "kl_surrogate",
+    "linear_kl_terms",
     "linear_token_kl",
     "linear_weighted_kl_sum",
     "sequence_kl_terms",
@@ -388,11 +389,14 @@ def _kl_pass(
     dtype: torch.dtype,
     weights: torch.Tensor | None = None,
     need: tuple[bool, ...] = (False,) * 6,
-) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
-    """One pass over [chunk, V] logits: the per-row KL(p_n || q_n) [N] (``dtype``), and, when ``weights`` [N] is given,
-    the gradients of sum_n weights_n * KL_n with respect to (hp, head_p.weight, head_p.bias, hq, head_q.weight,
-    head_q.bias), those whose ``need`` flag is set (others None). Hidden-state gradients have the hidden states' dtype;
-    weight and bias gradients are accumulated in ``dtype`` (float32 or float64) whatever the parameters' dtype.
+    tokens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor | None]]:
+    """One pass over [chunk, V] logits: the per-row KL(p_n || q_n) [N] (``dtype``); when ``tokens`` [N] (long) is
+    given, the sampled log-ratios log p_n(tokens_n) - log q_n(tokens_n) [N] (``dtype``, else None); and, when
+    ``weights`` [N] is given, the gradients of sum_n weights_n * KL_n with respect to (hp, head_p.weight, head_p.bias,
+    hq, head_q.weight, head_q.bias), those whose ``need`` flag is set (others None). Hidden-state gradients have the
+    hidden states' dtype; weight and bias gradients are accumulated in ``dtype`` (float32 or float64) whatever the
+    parameters' dtype.
 
     hp [N, H_p], hq [N, H_q]: row n of each is position n. Rows with weight 0 get exactly zero gradient. Call it with
     autocast off (the public functions do): under trl's default bf16 autocast the products would run in bf16.
@@ -405,6 +409,7 @@ def _kl_pass(
         rows, vocab, dtype, hp.device, (grad_p and head_p.softcap is not None, grad_q and head_q.softcap is not None)
     )
     kl_all = torch.empty(n_rows, dtype=dtype, device=hp.device)
+    ratio_all = None if tokens is None else torch.empty(n_rows, dtype=dtype, device=hp.device)
     grads: list[torch.Tensor | None] = [None] * 6
     for offset, h, head in ((0, hp, head_p), (3, hq, head_q)):
         if weights is None:
@@ -424,6 +429,8 @@ def _kl_pass(
         sums = _log_softmax_into(logp, p, hp[s:e], head_p, temperature, dp)
         p.div_(sums)
         diff = logp.sub_(logq)  # log p - log q, in place of log p
+        if ratio_all is not None:
+            ratio_all[s:e] = diff.gather(1, tokens[s:e, None]).squeeze(1)
         kl = torch.linalg.vecdot(p, diff)
         bad = torch.isnan(kl)
         if bad.any():  # only rows with a -inf logit pay for the fix
@@ -442,7 +449,7 @@ def _kl_pass(
         if grad_p:
             gzp = diff.sub_(kl.unsqueeze(-1)).mul_(p).mul_(g if dp is not None else g * (head_p.scale / temperature))
             _chain(gzp if dp is None else gzp.mul_(dp), unused, hp, head_p, grads, 0, s, e, dtype)
-    return kl_all, grads
+    return kl_all, ratio_all, grads
 
 
 def _chain(
@@ -480,7 +487,7 @@ class _LinearTokenKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hp, wp, bp, hq, wq, bq, temperature, chunk, scale_p, scale_q, cap_p, cap_q, dtype):  # type: ignore[override]
         head_p, head_q = _Head(wp, bp, scale_p, cap_p), _Head(wq, bq, scale_q, cap_q)
-        kl, _ = _kl_pass(hp, head_p, hq, head_q, temperature, chunk, dtype)
+        kl, _, _ = _kl_pass(hp, head_p, hq, head_q, temperature, chunk, dtype)
         ctx.save_for_backward(hp, wp, bp, hq, wq, bq)
         ctx.args = (temperature, chunk, scale_p, scale_q, cap_p, cap_q, dtype)
         return kl
@@ -492,7 +499,7 @@ class _LinearTokenKL(torch.autograd.Function):
         head_p, head_q = _Head(wp, bp, scale_p, cap_p), _Head(wq, bq, scale_q, cap_q)
         need = tuple(ctx.needs_input_grad[:6])
         with torch.autocast(hp.device.type, enabled=False):  # a backward called inside an autocast region
-            _, grads = _kl_pass(hp, head_p, hq, head_q, temperature, chunk, dtype, weights=grad_out, need=need)
+            _, _, grads = _kl_pass(hp, head_p, hq, head_q, temperature, chunk, dtype, weights=grad_out, need=need)
         return (*_cast_grads(grads, (hp, wp, bp, hq, wq, bq)), None, None, None, None, None, None, None)
 
 
@@ -508,7 +515,7 @@ class _WeightedKLSum(torch.autograd.Function):
     def forward(ctx, hp, wp, bp, hq, wq, bq, weights, temperature, chunk, scale_p, scale_q, cap_p, cap_q, dtype):  # type: ignore[override]
         head_p, head_q = _Head(wp, bp, scale_p, cap_p), _Head(wq, bq, scale_q, cap_q)
         need = (*ctx.needs_input_grad[:3], False, False, False)
-        kl, grads = _kl_pass(hp, head_p, hq, head_q, temperature, chunk, dtype, weights=weights, need=need)
+        kl, _, grads = _kl_pass(hp, head_p, hq, head_q, temperature, chunk, dtype, weights=weights, need=need)
         total = torch.linalg.vecdot(weights.to(dtype), kl)
         ctx.save_for_backward(*_cast_grads(grads[:3], (hp, wp, bp)))
         ctx.mark_non_differentiable(kl)
@@ -685,6 +692,56 @@ def linear_weighted_kl_sum(
         return total
     token_kl_values = kl.view(weights.shape) if keep_all else kl.new_zeros(weights.shape).masked_scatter(keep, kl)
     return total, token_kl_values
+
+
+def linear_kl_terms(
+    hidden_p: torch.Tensor,
+    weight_p: torch.Tensor,
+    hidden_q: torch.Tensor,
+    weight_q: torch.Tensor,
+    tokens: torch.Tensor,
+    *,
+    bias_p: torch.Tensor | None = None,
+    bias_q: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+    logit_scale_p: float = 1.0,
+    logit_scale_q: float = 1.0,
+    softcap_p: float | None = None,
+    softcap_q: float | None = None,
+) -> dict[str, torch.Tensor]:
+    """The per-position terms every estimator is built from, from hidden states and LM heads in one pass, no gradient.
+
+    Same model of the logits as ``linear_token_kl`` (and the same chunks, so no [N, V] logits are held).
+
+    Args:
+        hidden_p, hidden_q: last hidden states [..., H_p] and [..., H_q], position-aligned: position i is the state
+            before token i.
+        weight_p, weight_q: LM-head weights [V, H_p], [V, H_q]; biases optional [V]. The reference's head and hidden
+            states are moved to the policy's device.
+        tokens: [...] long, the sampled token at each position.
+        temperature, chunk_size, logit_scale_*, softcap_*: as in ``linear_token_kl``.
+
+    Returns:
+        ``{"r": log p(tokens) - log q(tokens), "K": KL(p || q)}``, each [...] float32 (float64 if any input is
+        float64), detached.
+    """
+    _check_linear_inputs(hidden_p, weight_p, hidden_q, weight_q, temperature, softcap_p, softcap_q)
+    if tokens.shape != hidden_p.shape[:-1] or tokens.dtype != torch.long:
+        raise ValueError(f"tokens must be long with hidden_p's leading shape {tuple(hidden_p.shape[:-1])}, got "
+                         f"{tokens.dtype} {tuple(tokens.shape)}.")  # fmt: skip
+    device = hidden_p.device
+    head_p = _Head(weight_p.detach(), None if bias_p is None else bias_p.detach(), float(logit_scale_p), softcap_p)
+    head_q = _Head(weight_q.detach().to(device), None if bias_q is None else bias_q.detach().to(device),
+                   float(logit_scale_q), softcap_q)  # fmt: skip
+    chunk = _default_chunk(weight_p.shape[0], chunk_size, _LINEAR_CHUNK_ELEMENTS, _LINEAR_CHUNK_ROWS)
+    dtype = _compute_dtype(hidden_p, weight_p, hidden_q, weight_q)
+    hp = hidden_p.detach().reshape(-1, hidden_p.shape[-1])
+    hq = hidden_q.detach().to(device).reshape(-1, hidden_q.shape[-1])
+    with torch.no_grad(), torch.autocast(device.type, enabled=False):
+        kl, ratio, _ = _kl_pass(hp, head_p, hq, head_q, float(temperature), chunk, dtype,
+                                tokens=tokens.to(device).reshape(-1))  # fmt: skip
+    return {"r": ratio.view(tokens.shape), "K": kl.view(tokens.shape)}
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -13,10 +13,11 @@ every estimator from the same per-position terms (``trl_rb.kl.sequence_kl_terms`
 
 Memory bound: one batch of ``batch_size`` sequences is generated and scored at a time. Scoring runs each model once
 over prompt + completion with ``logits_to_keep=1`` and catches the backbone's last hidden states [b, L, H]; the
-completion positions' logits are then made from those hidden states and the LM-head weights in chunks of about
-``chunk_elements / V`` positions. So beyond the models, the KV cache of one generate batch and two [b, L, H] hidden
-state tensors, at most a few [chunk, V] float32 tensors exist at once (16 MiB each by default) -- never a
-[samples, T, V] or even a [batch_size, T, V] logits tensor. (A model whose forward lacks ``logits_to_keep`` builds
+completion positions' logits are then made from those hidden states and the LM-head weights by
+``trl_rb.kl.linear_kl_terms``, in chunks of ``chunk_elements / V`` positions (default: the kernel's, 256 positions,
+fewer where a [chunk, V] float32 buffer would pass 2**26 elements). So beyond the models, the KV cache of one
+generate batch and two [b, L, H] hidden state tensors, at most five [chunk, V] float32 tensors exist at once (155 MiB
+each at V = 151936 by default) -- never a [samples, T, V] or even a [batch_size, T, V] logits tensor. (A model whose forward lacks ``logits_to_keep`` builds
 its own [batch_size, L, V] logits once per batch; lower ``batch_size`` for those.)
 """
 
@@ -32,11 +33,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..exact import eval_mode
-from ..kl import ESTIMATORS, canonical_estimator, sequence_kl_terms
-from ..trainers.heads import HeadParams, capture_last_hidden, head_params, unwrap_causal_lm, vocab_size
+from ..kl import ESTIMATORS, canonical_estimator, linear_kl_terms
+from ..trainers.heads import capture_last_hidden, head_params, unwrap_causal_lm, vocab_size
 
 __all__ = ["ALL_ESTIMATORS", "EstimateResult", "check_tokenizers", "estimate_kl", "resolve_estimator"]
 
@@ -44,7 +44,6 @@ __all__ = ["ALL_ESTIMATORS", "EstimateResult", "check_tokenizers", "estimate_kl"
 ALL_ESTIMATORS: tuple[str, ...] = ("k1", "k2", "k3", "cv", "cv_opt", "rb")
 _CV_OPT_ALIASES = ("cv_opt", "cv-opt", "cvopt")
 # Elements of one [chunk, V] float32 logits tensor while scoring: 2**22 = 16 MiB.
-_CHUNK_ELEMENTS = 2**22
 
 
 def resolve_estimator(name: str) -> str:
@@ -460,16 +459,6 @@ def _hidden_before_completion(model, ids, attn, n_completion: int) -> torch.Tens
     return captured[-1][:, -n_completion - 1 : -1]
 
 
-def _logits(hidden: torch.Tensor, head: HeadParams) -> torch.Tensor:
-    """Logits [n, V] as the model computes them: (h W^T + b) * logit_scale, then the soft-cap if any; float32
-    (float64 for a float64 model)."""
-    z = F.linear(hidden.to(head.weight.dtype), head.weight, head.bias)
-    z = (z if z.dtype == torch.float64 else z.float()) * head.logit_scale
-    if head.softcap is not None:
-        z = head.softcap * torch.tanh(z / head.softcap)
-    return z
-
-
 def _score_batch(
     policy, reference, prompt_ids, prompt_mask, completions, comp_mask, *, temperature, need_rb, chunk_rows
 ):
@@ -482,20 +471,13 @@ def _score_batch(
     hq = _hidden_before_completion(reference, ids, attn, c)
     head_p, head_q = head_params(policy), head_params(reference)
     rows = comp_mask.nonzero(as_tuple=True)
-    hp, hq, tokens = hp[rows], hq[rows].to(hp.device), completions[rows].to(hp.device)
-    dtype = torch.float64 if torch.float64 in (head_p.weight.dtype, head_q.weight.dtype) else torch.float32
-    r = torch.empty(tokens.shape[0], dtype=dtype, device=hp.device)
-    k = torch.empty_like(r) if need_rb else None
-    for s in range(0, tokens.shape[0], chunk_rows):
-        e = min(s + chunk_rows, tokens.shape[0])
-        zp, zq = _logits(hp[s:e], head_p), _logits(hq[s:e], head_q).to(hp.device)
-        ones = torch.ones((1, e - s), dtype=torch.bool, device=hp.device)
-        terms = sequence_kl_terms(
-            zp[None], zq[None], tokens[None, s:e], ones, temperature=temperature, need_rb=need_rb
-        )
-        r[s:e] = terms["r"][0]
-        if need_rb:
-            k[s:e] = terms["K"][0]
+    terms = linear_kl_terms(
+        hp[rows], head_p.weight, hq[rows], head_q.weight, completions[rows].to(hp.device), bias_p=head_p.bias,
+        bias_q=head_q.bias, temperature=temperature, chunk_size=chunk_rows, logit_scale_p=head_p.logit_scale,
+        logit_scale_q=head_q.logit_scale, softcap_p=head_p.softcap, softcap_q=head_q.softcap,
+    )  # fmt: skip
+    r, k = terms["r"], terms["K"] if need_rb else None
+    dtype = r.dtype
     out = {}
     for name, flat in (("r", r), ("K", k)):
         if flat is not None:
@@ -558,7 +540,7 @@ def estimate_kl(
     reference_tokenizer: Any | None = None,
     top_k: int | None = None,
     top_p: float | None = None,
-    chunk_elements: int = _CHUNK_ELEMENTS,
+    chunk_elements: int | None = None,
     progress: bool = True,
 ) -> EstimateResult:
     """Estimate KL(p || q) between ``policy`` (p) and ``reference`` (q) with several estimators on the same samples.
@@ -587,7 +569,8 @@ def estimate_kl(
             only for tiny models. ValueError when there are more than ``exact_max_completions`` completions.
         reference_tokenizer: when given, checked to map every token to the same id as ``tokenizer``.
         top_k, top_p: accepted only as 0 / 1.0 (or None): truncated sampling would bias every estimator.
-        chunk_elements: size (elements) of the largest [chunk, V] logits tensor built while scoring.
+        chunk_elements: size (elements) of the largest [chunk, V] logits tensor built while scoring (None: the
+            kernel's default, 256 positions capped at 2**26 elements; lower it to save memory).
         progress: show a tqdm progress bar while sampling and scoring.
 
     Returns:
@@ -616,7 +599,7 @@ def estimate_kl(
     eos_id = tokenizer.eos_token_id
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos_id if eos_id is not None else 0)
     vocab = vocab_size(policy)
-    chunk_rows = max(1, chunk_elements // vocab)
+    chunk_rows = None if chunk_elements is None else max(1, chunk_elements // vocab)
     need_rb = "rb" in names
 
     exact_per_prompt = None
