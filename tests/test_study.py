@@ -145,3 +145,8 @@ def test_real_tiny_study(tmp_path, tmp_path_factory, monkeypatch, capsys):
     capsys.readouterr()
     assert study.main([str(path)]) == 0  # everything resumes from disk
     assert "finished earlier, skipped" in capsys.readouterr().out
+
+
+def test_report_only_without_runs_is_an_error(tmp_path, capsys):
+    assert study.main([str(_config(tmp_path)), "--report_only"]) == 2
+    assert "no finished run in" in capsys.readouterr().err

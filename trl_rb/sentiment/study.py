@@ -256,6 +256,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"study: failed runs: {', '.join(outcome['failed'])}; rerun to retry them", file=sys.stderr)
             return 1
         print(f"study: sweep done in {time.time() - started:.0f} s", flush=True)
+    if not any(config.sweep.output_dir.glob("*/eval.json")):
+        print(f"trl-rb study: error: no finished run in {config.sweep.output_dir}", file=sys.stderr)
+        return 2
     noise = run_noise(config, measure=not args.report_only)
     from .study_report import write_report
 
