@@ -150,3 +150,16 @@ def test_real_tiny_study(tmp_path, tmp_path_factory, monkeypatch, capsys):
 def test_report_only_without_runs_is_an_error(tmp_path, capsys):
     assert study.main([str(_config(tmp_path)), "--report_only"]) == 2
     assert "no finished run in" in capsys.readouterr().err
+
+
+def test_resampled_variance_equals_the_variance_of_the_resampled_rows():
+    import torch
+
+    from trl_rb.sentiment.study import _resampled_variance
+
+    g = torch.randn(12, 50, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    rng = np.random.default_rng(0)
+    draws = [rng.integers(0, 12, 12) for _ in range(5)]
+    counts = np.stack([np.bincount(d, minlength=12) for d in draws])
+    expected = [float(g[torch.from_numpy(d)].var(0).sum()) for d in draws]
+    assert np.allclose(_resampled_variance(g, counts), expected, rtol=1e-10)

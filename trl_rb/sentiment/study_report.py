@@ -148,6 +148,7 @@ def _mean_se(values: list[float]) -> list[float]:
 
 def _plot_pareto(arms: dict[str, list[RunPoint]], report: dict, png: Path) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -170,6 +171,8 @@ def _plot_pareto(arms: dict[str, list[RunPoint]], report: dict, png: Path) -> No
         order = np.argsort(kl[front])
         ax.step(kl[front][order], reward[front][order], where="post", color="black", lw=1, label="frontier (all runs)")
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("eval KL(policy || reference) per sequence, RB estimate (test prompts)")
         ax.set_ylabel("eval reward (test prompts)")
         ax.set_title(f"{trainer.upper()}: {len(points)} runs; large points: mean over seeds per beta, 95% CI")
@@ -182,6 +185,7 @@ def _plot_pareto(arms: dict[str, list[RunPoint]], report: dict, png: Path) -> No
 
 def _plot_curves(arms: dict[str, list[RunPoint]], curves: dict[str, dict[str, dict[str, np.ndarray]]], png: Path) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -207,6 +211,8 @@ def _plot_curves(arms: dict[str, list[RunPoint]], curves: dict[str, dict[str, di
             else:
                 ax.set_xlabel("training step")
                 ax.set_yscale("log")
+                ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+                ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
