@@ -115,12 +115,15 @@ def stability(points: list[RunPoint]) -> list[dict[str, Any]]:
     return rows
 
 
-def _training_curves(runs_dir: Path, points: list[RunPoint], key: str) -> dict[str, np.ndarray]:
-    """Run name -> [steps] array of a logged training metric (``reward`` or ``kl/rb``)."""
-    curves = {}
+def _training_curves(runs_dir: Path, points: list[RunPoint], keys: tuple[str, ...]) -> dict[str, dict[str, np.ndarray]]:
+    """Metric -> run name -> [steps] array of the logged training metrics ``keys`` (e.g. ``reward``, ``kl/rb``);
+    each run's metrics.jsonl is read once."""
+    curves: dict[str, dict[str, np.ndarray]] = {key: {} for key in keys}
     for p in points:
         rows = [json.loads(line) for line in (runs_dir / p.name / "metrics.jsonl").read_text().splitlines() if line]
-        curves[p.name] = np.array([r[key] for r in rows if key in r and "step" in r and "train_runtime" not in r])
+        rows = [r for r in rows if "step" in r and "train_runtime" not in r]
+        for key in keys:
+            curves[key][p.name] = np.array([r[key] for r in rows if key in r])
     return curves
 
 
@@ -288,7 +291,7 @@ def write_report(config: Any, noise: dict[str, list[dict]]) -> dict[str, Any]:
             continue
         draws = _seed_draws(complete, config.bootstrap, rng)
         arms[arm.trainer] = mine
-        curves[arm.trainer] = {key: _training_curves(runs_dir, mine, key) for key in ("reward", "kl/rb")}
+        curves[arm.trainer] = _training_curves(runs_dir, mine, ("reward", "kl/rb"))
         train_seconds = [json.loads((runs_dir / p.name / "eval.json").read_text())["train_seconds"] for p in mine]
         report["arms"][arm.trainer] = {
             "runs": len(mine), "methods": arm.methods, "kl_coefs": arm.kl_coefs, "seeds": complete,
