@@ -242,4 +242,7 @@ def test_rb_gradient_accumulation_splits_the_generation_batch_exactly(tmp_path):
     halves = split_tensor_dict(inputs, 2)
     assert all(int(h[NUM_SEQUENCES_KEY]) == 32 and h["completion_ids"].shape[0] == 16 for h in halves)
     summed = sum(flat_grads(trainer.compute_loss(trainer.model, h), params) for h in halves)
-    torch.testing.assert_close(summed, whole, rtol=1e-6, atol=1e-9)
+    # float32 statistics in trl's kernels (see above): summation order moves elements by ~1e-6 relative, so the
+    # tolerance is float32's at the gradient's scale; a wrong normalization would be off by a factor of 2
+    scale = float(whole.abs().max())
+    torch.testing.assert_close(summed, whole, rtol=1e-5, atol=1e-5 * scale)

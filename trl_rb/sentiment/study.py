@@ -200,7 +200,8 @@ def _noise_summary(grads: dict[str, Any], rewards: dict[str, list[float]], n_boo
             break
         n = grads["RB"].shape[0]
         counts = np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(n_boot)])
-        ratios = _resampled_variance(grads["RB"], counts) / _resampled_variance(grads[method], counts)
+        with np.errstate(divide="ignore", invalid="ignore"):  # a resample of one repeated batch has variance 0
+            ratios = _resampled_variance(grads["RB"], counts) / _resampled_variance(grads[method], counts)
         cosine = torch.nn.functional.cosine_similarity(grads["RB"].mean(0), grads[method].mean(0), dim=0)
         out["vs_rb"][method] = {
             "variance_ratio_rb_over": out["methods"]["RB"]["variance_trace"] / out["methods"][method]["variance_trace"],
