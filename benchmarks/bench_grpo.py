@@ -20,8 +20,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the GRPO benchmark (or, with ``--child MODE``, one measurement); returns the exit code."""
     return trainer_bench.main(
         argv, name="GRPO", script=__file__, description=__doc__.splitlines()[0],
-        modes=("trl", "k3", "rb"), make_trainer=trainer_bench.trainer_factory("GRPO", loss_type="dr_grpo"),
-        ratios=(("k3", "trl"), ("rb", "trl")), labels={"trl": "trl (k3)"}, setting="dr_grpo",
+        modes=("trl", "k3", trainer_bench.SEPARATE_RB, "rb"), make_trainer=trainer_bench.trainer_factory("GRPO", loss_type="dr_grpo"),
+        ratios=(("k3", "trl"), ("rb", "trl"), ("rb", trainer_bench.SEPARATE_RB)), labels={"trl": "trl (k3)"}, setting="dr_grpo",
     )
 
 

@@ -52,7 +52,13 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from trainer_bench import _rss_kib, available_bytes, run_worker  # noqa: E402  (a sibling script, not a package)
 
-METHODS = ("trl_kernel", "linear_token_kl", "linear_weighted_kl_sum", "floor")
+# The per-token KL alone, against trl's divergence kernel and the matmul floor.
+KL_METHODS = ("trl_kernel", "linear_token_kl", "linear_weighted_kl_sum", "floor")
+# The LM-head work of one policy-gradient loss step: trl's log-prob head alone (k1), with the rb term computed
+# after it (linear_weighted_kl_sum), and fused into it (linear_logprob_kl); with their [N, H] x [H, V] products.
+LOSS_METHODS = ("trl_logprob", "logprob+weighted_kl", "fused_logprob_kl")
+LOSS_PRODUCTS = {"trl_logprob": 4, "logprob+weighted_kl": 8, "fused_logprob_kl": 6}
+METHODS = KL_METHODS + LOSS_METHODS
 # name -> (hidden size H, vocabulary size V) of the LM head.
 HEADS = {"qwen0.5b": (896, 151936), "llama3": (2048, 128256)}
 MiB = 2**20
@@ -140,11 +146,33 @@ def _method(name: str, inputs: Inputs) -> tuple[Callable[[], Any], Callable[[], 
             return floor.backward(hp_, wp_)
 
         return (lambda: floor.forward(hp_, wp_, hq, wq)), floor_fwd_bwd
+    tokens = torch.randint(0, wp.shape[0], (hp.shape[0],), generator=torch.Generator().manual_seed(1))
+    if name in LOSS_METHODS and name != "fused_logprob_kl":
+        from trl.kernels import ChunkedLogProbFunction
+        from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE as COLUMNS
+
+        def logprob():  # trl's fused head as its trainers call it (their vocabulary tile width)
+            return ChunkedLogProbFunction.apply(hp, wp, None, tokens, 1.0, COLUMNS, None, 1.0, ("log_probs",))[0]
     if name == "trl_kernel":
         from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
 
         def fwd():
             return ChunkedDivergenceFunction.apply(hp, wp, None, hq, wq, None, 1.0, 1.0, 1.0, None, 1.0, None)[0]
+    elif name == "trl_logprob":
+        fwd = logprob
+    elif name == "logprob+weighted_kl":
+        from trl_rb.kl import linear_weighted_kl_sum
+
+        weights = torch.ones(hp.shape[0])
+
+        def fwd():
+            return logprob().sum() + linear_weighted_kl_sum(hp, wp, hq, wq, weights)
+    elif name == "fused_logprob_kl":
+        from trl_rb.kl import linear_logprob_kl
+
+        def fwd():
+            lp, _, kl = linear_logprob_kl(hp, wp, tokens, hq, wq)
+            return lp.sum() + kl.sum()
     elif name == "linear_token_kl":
         from trl_rb.kl import linear_token_kl
 
@@ -305,15 +333,27 @@ def _case_table(r: dict) -> list[str]:
     fwd, fb = r.get("fwd") or {}, r.get("fwd_bwd") or {}
     mem, mem_b = r.get("mem_fwd") or {}, r.get("mem_fwd_bwd") or {}
     lines += [
-        "| method | fwd ms | fwd+bwd ms | fwd / trl | fwd+bwd / trl | fwd+bwd / floor | peak extra MiB (fwd+bwd) "
+        "| KL method | fwd ms | fwd+bwd ms | fwd / trl | fwd+bwd / trl | fwd+bwd / floor | peak extra MiB (fwd+bwd) "
         "| peak extra MiB (fwd) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for m in METHODS:
+    for m in KL_METHODS:
         lines.append(
             f"| {m} | {_fmt_ms(fwd.get(m))} | {_fmt_ms(fb.get(m))} | {_ratio(fwd.get(m), fwd.get('trl_kernel'))} | "
             f"{_ratio(fb.get(m), fb.get('trl_kernel'))} | {_ratio(fb.get(m), fb.get('floor'))} | "
             f"{_fmt_mb(mem_b.get(m))} | {_fmt_mb(mem.get(m))} |"
+        )
+    base, before = fb.get("trl_logprob"), fb.get("logprob+weighted_kl")
+    lines += [
+        "",
+        "| loss-step LM head | products | fwd ms | fwd+bwd ms | fwd+bwd / trl_logprob | fwd+bwd / logprob+weighted_kl "
+        "| peak extra MiB (fwd+bwd) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for m in LOSS_METHODS:
+        lines.append(
+            f"| {m} | {LOSS_PRODUCTS[m]} | {_fmt_ms(fwd.get(m))} | {_fmt_ms(fb.get(m))} | {_ratio(fb.get(m), base)} | "
+            f"{_ratio(fb.get(m), before)} | {_fmt_mb(mem_b.get(m))} |"
         )
     if r.get("max_abs_diff") is not None:
         rel = r["max_abs_diff"] / max(r["max_kl"], 1e-30)

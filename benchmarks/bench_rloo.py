@@ -18,8 +18,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the RLOO benchmark (or, with ``--child MODE``, one measurement); returns the exit code."""
     return trainer_bench.main(
         argv, name="RLOO", script=__file__, description=__doc__.splitlines()[0],
-        modes=("trl", "k1", "rb"), make_trainer=trainer_bench.trainer_factory("RLOO"),
-        ratios=(("k1", "trl"), ("rb", "trl"), ("rb", "k1")),
+        modes=("trl", "k1", trainer_bench.SEPARATE_RB, "rb"), make_trainer=trainer_bench.trainer_factory("RLOO"),
+        ratios=(("k1", "trl"), ("rb", "trl"), ("rb", "k1"), ("rb", trainer_bench.SEPARATE_RB)),
     )
 
 

@@ -7,7 +7,9 @@ models, optimizer state and activations) belongs to that mode alone. The step ti
 optimizer step (generation, scoring, loss forward and backward, optimizer), median over the steps after warm-up,
 then median over repeats; the CPU time of the process over the same steps is less sensitive to other load on the
 machine (one thread: CPU time ~ work done). "train peak" is the peak RSS minus the RSS just before ``train()`` (what
-training adds). Completions have a fixed length (``min_new_tokens``) so that every mode does the same work.
+training adds). Completions run to ``--completion`` tokens: with a random model EOS has probability ~1/V per token
+(``min_new_tokens`` would force the length, but it changes the sampling distribution, which rb refuses); the table
+gives the mean completion length of each mode, so that it shows when a mode did less work.
 
 A benchmark script names its modes and a ``make_trainer`` (see :func:`trainer_factory`) and calls :func:`main`, which
 runs the script itself once per (mode, repeat) with ``--child MODE``; the child measures and prints one JSON line.
@@ -34,11 +36,14 @@ ROWS = (
     ("step CPU time (s)", "cpu_s", 1.0, "{:.3f}"),
     ("peak RSS (MiB)", "peak_kib", 1 / 1024, "{:.0f}"),
     ("train peak (MiB)", "train_peak_kib", 1 / 1024, "{:.0f}"),
+    ("completion tokens", "mean_length", 1.0, "{:.1f}"),
 )
 # The flags the driver forwards to each child (the model flags only shape build_model, which the driver runs).
 _CHILD_FLAGS = ("steps", "warmup", "batch", "completion")
 
 MakeTrainer = Callable[..., Any]
+# The rb mode without the fused loss head (see trainer_factory).
+SEPARATE_RB = "rb_separate"
 
 
 def _rss_kib(field: str) -> int:
@@ -128,24 +133,31 @@ def common_args(opts: argparse.Namespace) -> dict[str, Any]:
         per_device_train_batch_size=opts.batch, num_generations=4, max_completion_length=opts.completion,
         max_steps=opts.warmup + opts.steps, learning_rate=1e-4, logging_steps=1, report_to="none",
         save_strategy="no", bf16=False, disable_dropout=True, disable_tqdm=True, seed=0,
-        generation_kwargs={"min_new_tokens": opts.completion},  # fixed lengths: every mode does the same work
     )
 
 
 def trainer_factory(kind: str, **extra_args: Any) -> MakeTrainer:
     """``make_trainer(mode, args, **trainer_kwargs)`` for trl's ``{kind}Trainer`` and trl_rb's drop-in of that name.
 
-    Mode "trl" is trl's own trainer and config (the baseline); any other mode is trl_rb's with ``kl_estimator=mode``.
-    ``extra_args`` are config fields added in every mode (e.g. ``loss_type``).
+    Mode "trl" is trl's own trainer and config (the baseline); ``SEPARATE_RB`` is trl_rb's rb with K_n computed after
+    trl's loss forward from the recorded hidden states instead of in the fused loss head (the schedule before the
+    fused head, kept to measure it); any other mode is trl_rb's with ``kl_estimator=mode``. ``extra_args`` are config
+    fields added in every mode (e.g. ``loss_type``).
     """
 
     def make_trainer(mode: str, args: dict[str, Any], **trainer_kwargs: Any) -> Any:
         # Imported here, in the child, after measure() has limited torch to one thread.
+        import importlib
+
         import trl
 
         import trl_rb
 
-        lib, estimator = (trl, {}) if mode == "trl" else (trl_rb, {"kl_estimator": mode})
+        if mode == SEPARATE_RB:
+            module = importlib.import_module(f"trl_rb.trainers.{kind.lower()}")
+            module.loss_head_for = lambda *_args, **_kwargs: None  # this child process only
+        estimator = "rb" if mode == SEPARATE_RB else mode
+        lib, estimator = (trl, {}) if mode == "trl" else (trl_rb, {"kl_estimator": estimator})
         config = getattr(lib, f"{kind}Config")(**args, **extra_args, **estimator)
         return getattr(lib, f"{kind}Trainer")(args=config, **trainer_kwargs)
 
@@ -168,12 +180,14 @@ def measure(opts: argparse.Namespace, make_trainer: MakeTrainer) -> dict[str, fl
     peak = _rss_kib("VmHWM")
     # trl's own trainer does not log kl/rb: NaN there.
     kl_rb = next((h["kl/rb"] for h in reversed(trainer.state.log_history) if "kl/rb" in h), float("nan"))
+    lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
     return {
         "step_s": statistics.median(timer.times[opts.warmup:]),
         "cpu_s": statistics.median(timer.cpu_times[opts.warmup:]),
         "peak_kib": peak,
         "train_peak_kib": peak - rss_before,
         "kl_rb": kl_rb,
+        "mean_length": statistics.mean(lengths) if lengths else float("nan"),
     }
 
 

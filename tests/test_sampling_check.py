@@ -159,6 +159,7 @@ def test_config_field_neutral(make, field, value):
 def test_generation_kwargs_non_neutral_refused(make, key, value):
     message = raises_naming(make(generation_kwargs={key: value}), f"generation_kwargs[{key!r}]={value!r}")
     assert f"use {NEUTRAL_VALUES[key][1]}" in message
+    assert message.startswith("kl_estimator='rb' computes the exact KL")  # the option asking for it, not the key
 
 
 @pytest.mark.parametrize(("key", "value"), NEUTRAL_CASES)

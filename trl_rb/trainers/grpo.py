@@ -33,9 +33,12 @@ k1         1 no-grad forward (scoring) + 1 fwd + bwd   1 forward (scoring)
 k1 needs log p(y) before the advantages are built, so it scores the policy once more during scoring (trl's RLOO does
 the same), unless trl already computed the old log-probs there (misaligned steps, vLLM importance sampling). Beyond
 the forwards, every mode with beta > 0 evaluates the exact KL once on the loss batch (two LM-head products per chunk
-of positions): ``k1`` / ``k3`` without gradient, for the kl/rb metric (``linear_token_kl``); ``rb`` with the
-gradient of its K_t term computed in the same pass (``linear_weighted_kl_sum``: two more products, no backward pass
-over the heads), which also gives the K_t values of the future sums and the metric.
+of positions): ``k1`` / ``k3`` without gradient, for the kl/rb metric (``linear_token_kl``). ``rb`` gets K_t
+from trl's own loss forward: for that forward trl's log-prob head is replaced by one that also returns K_t
+(``fused_head``), two products more than trl's four (the reference's logits, forward and again backward), which
+also gives the K_t values of the future sums and the metric. Where the heads are sharded (ZeRO-3, FSDP2) or trl
+computes the head in another dtype, K_t and its gradient come from one weighted pass after trl's forward instead
+(``linear_weighted_kl_sum``: four more products, no backward over the heads), with the same result.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ from trl.trainer import grpo_trainer as trl_grpo_trainer
 
 from ..kl import canonical_estimator, future_sum, prefix_importance_weights
 from .capture import REF_HIDDEN_KEY, HiddenCaptureMixin, ScoredCall
+from .fused_head import fused_loss_head, loss_head_for, weighted_sum
 from .heads import head_params
 from .metrics import log_sequence_metrics, masked_sequence_sum
 from .reference import load_reference_model, prepare_reference_model, trl_without_reference
@@ -321,7 +325,8 @@ class GRPOTrainer(HiddenCaptureMixin, trl.GRPOTrainer):
         if self.beta == 0.0:
             return super()._compute_loss(model, inputs)
         beta = self.beta
-        with self._rb_recording() as calls:
+        fused = loss_head_for(self, model, inputs) if self.kl_estimator == "rb" else None
+        with self._rb_recording() as calls, fused_loss_head(fused):
             if self.kl_estimator != "k3":
                 self.beta = 0.0  # trl's k3 term off; the reference log-probs were still computed while scoring
             try:
@@ -348,7 +353,10 @@ class GRPOTrainer(HiddenCaptureMixin, trl.GRPOTrainer):
             weights = beta * self._reduce_weights(mask, inputs, mode)
             if prefix is not None:
                 weights = weights * prefix
-            kl_loss, kl_terms = self._weighted_token_kl(model, policy.hidden, inputs[REF_HIDDEN_KEY], weights)
+            if fused is not None and fused.token_kl is not None:  # K_t from trl's loss forward, with its log-probs
+                kl_loss, kl_terms = weighted_sum(weights, fused.token_kl)
+            else:
+                kl_loss, kl_terms = self._weighted_token_kl(model, policy.hidden, inputs[REF_HIDDEN_KEY], weights)
             future = future_sum(kl_terms if prefix is None else prefix * kl_terms)
             loss = loss + kl_loss + beta * self._reduce((logps - logps.detach()) * future, mask, inputs, mode)
         elif self._rb_metric:

@@ -19,8 +19,11 @@ Cost. Forward passes are trl's in every mode: per generation batch the policy ru
 scoring and once per iteration (``num_iterations``) with gradients for the loss; the reference runs once. Nothing
 runs a backbone a second time. The extra work is in LM-head products of shape [tokens, H] x [H, V]: every mode
 (``k1`` too, for the ``kl/rb`` metric) spends two while scoring (the policy's and the reference's logits, recomputed
-chunk by chunk from the recorded hidden states); ``rb`` spends four more per loss forward (both models' logits and
-the two gradient products, all in the forward: ``weighted_kl_sum_from_hidden``), and nothing extra in the backward.
+chunk by chunk from the recorded hidden states). In the ``rb`` loss, trl's own log-prob head is replaced for that
+forward by one that also returns K_n (``fused_head``): two more products than trl's four (the reference's logits,
+in the forward and again in the backward), the policy's logits and its two gradient products being shared. Where the
+heads are sharded (ZeRO-3, FSDP2) or trl computes the head in another dtype, K_n is computed after trl's forward
+instead (``weighted_kl_sum_from_hidden``: four more products, all in the forward), with the same result.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from accelerate.utils import is_peft_model
 
 from ..kl import canonical_estimator, future_sum, prefix_importance_weights
 from .capture import REF_HIDDEN_KEY, HiddenCaptureMixin, ScoredCall
+from .fused_head import fused_loss_head, loss_head_for, weighted_sum
 from .heads import head_params
 from .metrics import log_sequence_metrics, masked_sequence_sum
 from .reference import load_reference_model, prepare_reference_model, trl_without_reference
@@ -323,8 +327,9 @@ class RLOOTrainer(HiddenCaptureMixin, trl.RLOOTrainer):
         if REF_HIDDEN_KEY not in inputs:
             raise RuntimeError(f"The batch lacks {REF_HIDDEN_KEY!r}: it was not scored by trl_rb.RLOOTrainer.")
         self._rb_phase = "loss"
+        fused = loss_head_for(self, model, inputs)
         try:
-            with self._rb_recording() as calls:
+            with self._rb_recording() as calls, fused_loss_head(fused):
                 loss = super()._compute_loss(model, inputs)
         finally:
             self._rb_phase = None
@@ -340,15 +345,19 @@ class RLOOTrainer(HiddenCaptureMixin, trl.RLOOTrainer):
         # A batch sampled by an earlier policy (num_iterations > 1, steps_per_generation > accumulation): the prefixes
         # are re-weighted by W_{<n} = p(y_<n) / p_old(y_<n); on-policy W = 1.
         prefix = None if old is None else prefix_importance_weights(logps.detach() - old, mask)
-        kl_term, kl_now = weighted_kl_sum_from_hidden(
-            calls[0].hidden,
-            head_params(model),
-            inputs[REF_HIDDEN_KEY],
-            reference_head(self),
-            weights if prefix is None else weights * prefix,
-            temperature=self.temperature,
-            return_token_kl=True,
-        )
+        kl_weights = weights if prefix is None else weights * prefix
+        if fused is not None and fused.token_kl is not None:  # K_n from trl's loss forward, fused with its log-probs
+            kl_term, kl_now = weighted_sum(kl_weights, fused.token_kl)
+        else:
+            kl_term, kl_now = weighted_kl_sum_from_hidden(
+                calls[0].hidden,
+                head_params(model),
+                inputs[REF_HIDDEN_KEY],
+                reference_head(self),
+                kl_weights,
+                temperature=self.temperature,
+                return_token_kl=True,
+            )
         loss = loss + kl_term.to(loss.dtype)
         if prefix is None:
             return loss

@@ -242,22 +242,22 @@ def check_rb_sampling(
             problems.append(f"{name}={value!r} (guided decoding masks the vocabulary: use None)")
 
     for key, value in generation_kwargs.items():
-        setting = f"generation_kwargs[{key!r}]={value!r}"
+        entry = f"generation_kwargs[{key!r}]={value!r}"  # not `setting`: that names the option in the message
         if key == "temperature":
             if not (_is_real(value) and value == temperature):
-                problems.append(f"{setting} (use {temperature!r}, the config's temperature, or remove the key)")
+                problems.append(f"{entry} (use {temperature!r}, the config's temperature, or remove the key)")
         elif key in HARMLESS_KEYS:
             continue
         elif key in NEUTRAL_VALUES:
             neutral, fix = NEUTRAL_VALUES[key]
             if not _is_neutral(value, neutral):
-                problems.append(f"{setting} (use {fix})")
+                problems.append(f"{entry} (use {fix})")
         elif key in GUIDED_KEYS:
             if value is not None:
-                problems.append(f"{setting} (guided decoding masks the vocabulary: remove the key)")
+                problems.append(f"{entry} (guided decoding masks the vocabulary: remove the key)")
         else:
             problems.append(
-                f"{setting} (a key unknown to trl_rb, which may change the sampling distribution: remove it)"
+                f"{entry} (a key unknown to trl_rb, which may change the sampling distribution: remove it)"
             )
 
     if problems:
