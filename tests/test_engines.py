@@ -46,11 +46,18 @@ def run_engine(model_dir: str, out: Path, engine: str, trainer: str, estimator: 
     return json.loads(line[len("LOGS ") :])
 
 
+# Absolute tolerances. kl/k1 = sum_t (l_t - ref_t) is 0 at step 1 up to rounding; under DDP an rb trainer's l_t
+# come from the fused loss head and ref_t from trl's head at scoring (ZeRO-3: both trl's), so float32 rounding of
+# two different kernels remains (measured: 4.2e-7 on the GRPO rb run).
+ABS_TOL = {"kl/k1": 2e-6}
+
+
 def assert_same_steps(reference: list[dict], other: list[dict]) -> None:
     assert len(reference) == len(other) == 3
     for step, (a, b) in enumerate(zip(reference, other, strict=True), start=1):
         for key in COMPARED:
-            assert math.isclose(a[key], b[key], rel_tol=1e-4, abs_tol=1e-7), (step, key, a[key], b[key])
+            tol = ABS_TOL.get(key, 1e-7)
+            assert math.isclose(a[key], b[key], rel_tol=1e-4, abs_tol=tol), (step, key, a[key], b[key])
     # the policy starts at the reference and moves away: equal numbers of an unmoved model would prove little
     assert reference[0]["kl/rb"] < 1e-6 < 1e-3 < reference[-1]["kl/rb"]
 
