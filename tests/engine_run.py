@@ -101,8 +101,13 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-2)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--separate-kl", action="store_true", help="rb: K_n after trl's loss forward, no fused head")
     opts = parser.parse_args()
     torch.set_num_threads(1)
+    if opts.separate_kl:  # the schedule ZeRO-3 runs (its heads are partitioned): same kernels as there
+        from trl_rb.trainers import grpo, rloo
+
+        grpo.loss_head_for = rloo.loss_head_for = lambda *_args, **_kwargs: None
     trainer = build_trainer(opts)
     trainer.train()
     if int(os.environ.get("RANK", "0")) == 0:
