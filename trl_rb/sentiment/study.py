@@ -202,6 +202,7 @@ def _noise_summary(grads: dict[str, Any], rewards: dict[str, list[float]], n_boo
         counts = np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(n_boot)])
         with np.errstate(divide="ignore", invalid="ignore"):  # a resample of one repeated batch has variance 0
             ratios = _resampled_variance(grads["RB"], counts) / _resampled_variance(grads[method], counts)
+        ratios[~np.isfinite(ratios)] = np.nan  # such resamples carry no ratio: left out of the interval
         cosine = torch.nn.functional.cosine_similarity(grads["RB"].mean(0), grads[method].mean(0), dim=0)
         out["vs_rb"][method] = {
             "variance_ratio_rb_over": out["methods"]["RB"]["variance_trace"] / out["methods"][method]["variance_trace"],
