@@ -380,6 +380,35 @@ def _fix_bad_rows(kl: torch.Tensor, bad: torch.Tensor, p: torch.Tensor, diff: to
     return kl.index_put((rows,), contrib.sum(-1))
 
 
+def _grad_buffers(h: torch.Tensor, head: _Head, need: tuple[bool, ...], dtype: torch.dtype) -> list[torch.Tensor | None]:
+    """Zeroed accumulators for the gradients of (h, head.weight, head.bias) whose ``need`` flag is set (else None);
+    the hidden-state one is written chunk by chunk, so it starts empty."""
+    w = head.weight
+    return [
+        torch.empty_like(h) if need[0] else None,
+        torch.zeros(w.shape, dtype=dtype, device=w.device) if need[1] else None,
+        torch.zeros(w.shape[0], dtype=dtype, device=w.device) if need[2] and head.bias is not None else None,
+    ]
+
+
+def _chunk_log_probs(
+    logp: torch.Tensor, logq: torch.Tensor, p: torch.Tensor, hp: torch.Tensor, head_p: _Head, hq: torch.Tensor,
+    head_q: _Head, temperature: float, dp: torch.Tensor | None = None, dq: torch.Tensor | None = None,
+) -> None:  # fmt: skip
+    """One chunk's log p into ``logp``, log q into ``logq`` and p into ``p`` (each [n, V]); q first, since both use
+    ``p`` as scratch. ``dp`` / ``dq``: soft-cap derivatives, as in ``_log_softmax_into``."""
+    _log_softmax_into(logq, p, hq, head_q, temperature, dq)
+    p.div_(_log_softmax_into(logp, p, hp, head_p, temperature, dp))
+
+
+def _rows_kl(p: torch.Tensor, diff: torch.Tensor) -> torch.Tensor:
+    """KL per row [n] from p and diff = log p - log q [n, V]; only rows with a -inf logit pay for ``_fix_bad_rows``
+    (which also zeroes ``diff`` where p is 0 in them)."""
+    kl = torch.linalg.vecdot(p, diff)
+    bad = torch.isnan(kl)
+    return _fix_bad_rows(kl, bad, p, diff) if bad.any() else kl
+
+
 def _kl_pass(
     hp: torch.Tensor,
     head_p: _Head,
@@ -412,30 +441,18 @@ def _kl_pass(
     kl_all = torch.empty(n_rows, dtype=dtype, device=hp.device)
     ratio_all = None if tokens is None else torch.empty(n_rows, dtype=dtype, device=hp.device)
     grads: list[torch.Tensor | None] = [None] * 6
-    for offset, h, head in ((0, hp, head_p), (3, hq, head_q)):
-        if weights is None:
-            break
-        if need[offset]:
-            grads[offset] = torch.empty_like(h)
-        if need[offset + 1]:
-            grads[offset + 1] = torch.zeros(head.weight.shape, dtype=dtype, device=head.weight.device)
-        if need[offset + 2] and head.bias is not None:
-            grads[offset + 2] = torch.zeros(vocab, dtype=dtype, device=head.weight.device)
+    if weights is not None:
+        grads = _grad_buffers(hp, head_p, need[:3], dtype) + _grad_buffers(hq, head_q, need[3:6], dtype)
     for s in range(0, n_rows, rows):
         e = min(s + rows, n_rows)
         logp, logq, p = buf.p[: e - s], buf.q[: e - s], buf.tmp[: e - s]
         dp = None if buf.deriv_p is None else buf.deriv_p[: e - s]
         dq = None if buf.deriv_q is None else buf.deriv_q[: e - s]
-        _log_softmax_into(logq, p, hq[s:e], head_q, temperature, dq)
-        sums = _log_softmax_into(logp, p, hp[s:e], head_p, temperature, dp)
-        p.div_(sums)
+        _chunk_log_probs(logp, logq, p, hp[s:e], head_p, hq[s:e], head_q, temperature, dp, dq)
         diff = logp.sub_(logq)  # log p - log q, in place of log p
         if ratio_all is not None:
             ratio_all[s:e] = diff.gather(1, tokens[s:e, None]).squeeze(1)
-        kl = torch.linalg.vecdot(p, diff)
-        bad = torch.isnan(kl)
-        if bad.any():  # only rows with a -inf logit pay for the fix
-            kl = _fix_bad_rows(kl, bad, p, diff)
+        kl = _rows_kl(p, diff)
         kl_all[s:e] = kl
         if not (grad_p or grad_q):
             continue
@@ -776,16 +793,10 @@ def _logprob_kl_forward(
     for s in range(0, n_rows, rows):
         e = min(s + rows, n_rows)
         logp, logq, p = buf.p[: e - s], buf.q[: e - s], buf.tmp[: e - s]
-        _log_softmax_into(logq, p, hq[s:e], head_q, temperature)
-        p.div_(_log_softmax_into(logp, p, hp[s:e], head_p, temperature))
+        _chunk_log_probs(logp, logq, p, hp[s:e], head_p, hq[s:e], head_q, temperature)
         logprob[s:e] = logp.gather(1, tokens[s:e, None]).squeeze(1)
         entropy[s:e] = _entropy(p, logp)
-        diff = logp.sub_(logq)
-        kl = torch.linalg.vecdot(p, diff)
-        bad = torch.isnan(kl)
-        if bad.any():
-            kl = _fix_bad_rows(kl, bad, p, diff)
-        kl_all[s:e] = kl
+        kl_all[s:e] = _rows_kl(p, logp.sub_(logq))
     return logprob, entropy, kl_all
 
 
@@ -808,11 +819,7 @@ def _logprob_kl_backward(
     n_rows, vocab = hp.shape[0], head_p.weight.shape[0]
     rows = min(chunk, max(n_rows, 1))
     buf = _Buffers(rows, vocab, dtype, hp.device, (head_p.softcap is not None, False))
-    grads: list[torch.Tensor | None] = [
-        torch.empty_like(hp) if need[0] else None,
-        torch.zeros(head_p.weight.shape, dtype=dtype, device=hp.device) if need[1] else None,
-        torch.zeros(vocab, dtype=dtype, device=hp.device) if need[2] and head_p.bias is not None else None,
-    ]
+    grads = _grad_buffers(hp, head_p, need, dtype)
     zero = torch.zeros(n_rows, dtype=dtype, device=hp.device)
     slope = zero.clone() if g_kl is None else g_kl.clone()  # coefficient of log p_v in the bracket
     if g_ent is not None:
@@ -826,8 +833,9 @@ def _logprob_kl_backward(
         gk = None if g_kl is None else g_kl[s:e]
         uses_q = gk is not None and bool((gk != 0).any())
         if uses_q:
-            _log_softmax_into(logq, p, hq[s:e], head_q, temperature)
-        p.div_(_log_softmax_into(logp, p, hp[s:e], head_p, temperature, dp))
+            _chunk_log_probs(logp, logq, p, hp[s:e], head_p, hq[s:e], head_q, temperature, dp)
+        else:
+            p.div_(_log_softmax_into(logp, p, hp[s:e], head_p, temperature, dp))
         gz = logp.mul_(slope[s:e, None])
         if uses_q:
             unused = gk == 0
