@@ -70,9 +70,6 @@ class FusedLossHead:
     calls: int = 0
     trl_function: Any = None
 
-    def _fusable_call(self, weight: torch.Tensor, outputs) -> bool:
-        return set(outputs) <= _SUPPORTED_OUTPUTS and _is_whole_tensor(weight)
-
     def _rows(self, n_rows: int, targets: torch.Tensor) -> torch.Tensor | None:
         """Indices of the completion tokens among trl's rows (None: trl passed exactly those, in order).
 
@@ -112,7 +109,7 @@ class FusedLossHead:
         if self.calls:  # K_n of one call's rows only would be silently incomplete
             raise RuntimeError("trl's loss forward ran its fused LM head more than once; trl_rb expects one call.")
         self.calls += 1
-        if not self._fusable_call(weight, outputs):
+        if not set(outputs) <= _SUPPORTED_OUTPUTS:  # (sharded heads never get here: see loss_head_for)
             return self.trl_function.apply(hidden, weight, bias, targets, temperature, chunk_size,
                                            final_logit_softcapping, logit_scale, outputs)  # fmt: skip
         rows = self._rows(hidden.shape[0], targets)

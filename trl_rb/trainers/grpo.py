@@ -36,9 +36,9 @@ the forwards, every mode with beta > 0 evaluates the exact KL once on the loss b
 of positions): ``k1`` / ``k3`` without gradient, for the kl/rb metric (``linear_token_kl``). ``rb`` gets K_t
 from trl's own loss forward: for that forward trl's log-prob head is replaced by one that also returns K_t
 (``fused_head``), two products more than trl's four (the reference's logits, forward and again backward), which
-also gives the K_t values of the future sums and the metric. Where the heads are sharded (ZeRO-3, FSDP2) or trl
-computes the head in another dtype, K_t and its gradient come from one weighted pass after trl's forward instead
-(``linear_weighted_kl_sum``: four more products, no backward over the heads), with the same result.
+also gives the K_t values of the future sums and the metric. Where the heads are sharded (ZeRO-3, FSDP2), K_t
+and its gradient come from one weighted pass after trl's forward instead (``linear_weighted_kl_sum``: four more
+products, no backward over the heads), with the same result.
 """
 
 from __future__ import annotations

@@ -22,8 +22,8 @@ runs a backbone a second time. The extra work is in LM-head products of shape [t
 chunk by chunk from the recorded hidden states). In the ``rb`` loss, trl's own log-prob head is replaced for that
 forward by one that also returns K_n (``fused_head``): two more products than trl's four (the reference's logits,
 in the forward and again in the backward), the policy's logits and its two gradient products being shared. Where the
-heads are sharded (ZeRO-3, FSDP2) or trl computes the head in another dtype, K_n is computed after trl's forward
-instead (``weighted_kl_sum_from_hidden``: four more products, all in the forward), with the same result.
+heads are sharded (ZeRO-3, FSDP2), K_n is computed after trl's forward instead (``weighted_kl_sum_from_hidden``:
+four more products, all in the forward), with the same result.
 """
 
 from __future__ import annotations
