@@ -28,8 +28,8 @@ import torch
 
 from ..kl import linear_logprob_kl
 from .capture import REF_HIDDEN_KEY
-from .heads import HeadParams, head_params
-from .token_kl import reference_head
+from .heads import HeadParams
+from .token_kl import policy_head, reference_head
 
 __all__ = ["FusedLossHead", "fused_loss_head", "head_is_fusable", "loss_head_for", "weighted_sum"]
 
@@ -157,7 +157,7 @@ def fused_loss_head(head: FusedLossHead | None) -> Iterator[FusedLossHead | None
 def loss_head_for(trainer: Any, model: Any, inputs: dict[str, Any]) -> FusedLossHead | None:
     """The fused head for this loss batch of an rb trainer, or None where its heads are sharded (see the module)."""
     ref_head = reference_head(trainer)
-    if not head_is_fusable(head_params(model), ref_head):
+    if not head_is_fusable(policy_head(trainer, model), ref_head):
         return None
     return FusedLossHead(
         completion_ids=inputs["completion_ids"],

@@ -56,11 +56,17 @@ from trl.trainer import grpo_trainer as trl_grpo_trainer
 from ..kl import canonical_estimator, future_sum, prefix_importance_weights
 from .capture import REF_HIDDEN_KEY, HiddenCaptureMixin, ScoredCall
 from .fused_head import fused_loss_head, loss_head_for, weighted_sum
-from .heads import head_params
 from .metrics import log_sequence_metrics, masked_sequence_sum
 from .reference import load_reference_model, prepare_reference_model, trl_without_reference
 from .sampling import check_rb_sampling
-from .token_kl import logs_rb_metric, reference_head, token_kl_from_hidden, weighted_kl_sum_from_hidden
+from .token_kl import (
+    logs_rb_metric,
+    policy_head,
+    reference_head,
+    token_kl_from_hidden,
+    trained_adapter,
+    weighted_kl_sum_from_hidden,
+)
 
 __all__ = ["GRPO_KL_ESTIMATORS", "GRPOConfig", "GRPOTrainer", "reduce_like_loss_type"]
 
@@ -265,6 +271,7 @@ class GRPOTrainer(HiddenCaptureMixin, trl.GRPOTrainer):
         else:
             super().__init__(model, reward_funcs, args, *pos_args, **kwargs)
         self.kl_estimator = estimator
+        self._rb_policy_adapter = trained_adapter(self)  # named now: trl's reference forward switches adapters
         self._rb_metric = logs_rb_metric(self, estimator)
 
     # ---------------------------------------------------------------------------------------------------------------
@@ -382,13 +389,13 @@ class GRPOTrainer(HiddenCaptureMixin, trl.GRPOTrainer):
 
     def _token_kl(self, model, policy_hidden, ref_hidden, mask) -> torch.Tensor:
         """K_t [B, C] from the captured hidden states (with gradient to the policy when grad mode is on)."""
-        policy_head = head_params(model)
+        head = policy_head(self, model)
         ref_head = reference_head(self)
         if not torch.is_grad_enabled():
             policy_hidden = policy_hidden.detach()
         return token_kl_from_hidden(
-            policy_hidden.to(policy_head.weight.dtype),
-            policy_head,
+            policy_hidden.to(head.weight.dtype),
+            head,
             ref_hidden.to(ref_head.weight.dtype),
             ref_head,
             temperature=self.temperature,
@@ -397,11 +404,11 @@ class GRPOTrainer(HiddenCaptureMixin, trl.GRPOTrainer):
 
     def _weighted_token_kl(self, model, policy_hidden, ref_hidden, weights) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum_t weights_t K_t with gradient to the policy, K_t [B, C] detached; 0 where the weight is 0)."""
-        policy_head = head_params(model)
+        head = policy_head(self, model)
         ref_head = reference_head(self)
         return weighted_kl_sum_from_hidden(
-            policy_hidden.to(policy_head.weight.dtype),
-            policy_head,
+            policy_hidden.to(head.weight.dtype),
+            head,
             ref_hidden.to(ref_head.weight.dtype),
             ref_head,
             weights,

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 __all__ = [
+    "ACTIVE_ADAPTER",
     "HeadParams",
     "capture_last_hidden",
     "completion_hidden",
@@ -26,6 +27,10 @@ __all__ = [
     "unwrap_causal_lm",
     "vocab_size",
 ]
+
+
+ACTIVE_ADAPTER = object()
+"""``head_params``'s default ``adapter``: the head module as PEFT resolves it at the time of the call."""
 
 
 @dataclass
@@ -76,36 +81,34 @@ def _logit_scale(text_config) -> float:
     return 1.0 if scale is None else float(scale)
 
 
-def _head_module(lm: nn.Module, *, base: bool) -> nn.Module | None:
-    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
-    # PEFT `modules_to_save` wraps the head: attribute access follows the adapter state at the time of access, so the
-    # reference (adapters disabled) must name the untouched original explicitly.
-    if base and head is not None and hasattr(head, "original_module"):
-        head = head.original_module
-    return head
+def _adapter_view(head: nn.Module, adapter: str | None | object) -> nn.Module:
+    """The module that computes the logits under ``adapter`` (see ``head_params``), for a PEFT ``modules_to_save``
+    wrapper; any other head as it is."""
+    # The wrapper resolves attribute access by the adapter state at the time of access (trl's reference forward
+    # disables adapters or switches to its "ref" adapter), so the module is named explicitly.
+    if adapter is ACTIVE_ADAPTER or not hasattr(head, "original_module"):
+        return head
+    copies = getattr(head, "modules_to_save", None)
+    if adapter is not None and copies is not None and adapter in copies:
+        return copies[adapter]
+    return head.original_module  # adapters disabled, or an adapter that does not wrap the head
 
 
-def head_params(model: nn.Module, *, base: bool = False) -> HeadParams:
+def head_params(model: nn.Module, *, adapter: str | None | object = ACTIVE_ADAPTER) -> HeadParams:
     """The LM head of ``model`` (PEFT- or accelerate-wrapped models are unwrapped).
 
     The tensors are the live parameters, possibly ZeRO-3 partitioned or FSDP2 DTensor shards: read them inside
-    ``gathered_heads``. With ``base=True`` a PEFT ``modules_to_save`` copy of the head is skipped for the original
-    (the head of the model with adapters disabled, i.e. the PEFT reference).
+    ``gathered_heads``. ``adapter`` says which head of a PEFT model with ``modules_to_save`` covering the head: a name
+    (the head as that adapter sees it: its trained copy, or the original where the adapter does not wrap the head),
+    ``None`` (adapters disabled: the original), or ``ACTIVE_ADAPTER`` (whatever the wrapper resolves to now; the
+    right choice only outside trl's reference forwards, and for models without PEFT).
 
     Raises:
         ValueError: when the model has no linear output embedding (e.g. a tied head that is not an ``nn.Linear``-like
             module with a ``weight`` of shape [V, H]) or the head carries an adapter the KL would not see.
     """
     lm = unwrap_causal_lm(model)
-    head = _head_module(lm, base=base)
-    weight = getattr(head, "weight", None)
-    # ZeRO-3 partitions a parameter to an empty tensor and keeps its shape in `ds_shape`.
-    shape = tuple(getattr(weight, "ds_shape", getattr(weight, "shape", ())))
-    if weight is None or len(shape) != 2:
-        raise ValueError(
-            f"{type(lm).__name__} has no linear LM head (get_output_embeddings() returned {type(head).__name__}); the "
-            "RB KL needs one to compute next-token distributions from hidden states. Use kl_estimator='k1'."
-        )
+    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
     # A LoRA adapter on the LM head changes the logits without changing `weight`: refuse rather than be silently wrong.
     if hasattr(head, "lora_A") and len(getattr(head, "lora_A", {})) > 0:
         raise ValueError(
@@ -116,6 +119,16 @@ def head_params(model: nn.Module, *, base: bool = False) -> HeadParams:
         raise ValueError(
             "The LM head carries PEFT trainable tokens (trainable_token_indices); the RB KL reads the head's weight "
             "only. Leave the head out of trainable_token_indices, or use kl_estimator='k1'."
+        )
+    if head is not None:
+        head = _adapter_view(head, adapter)
+    weight = getattr(head, "weight", None)
+    # ZeRO-3 partitions a parameter to an empty tensor and keeps its shape in `ds_shape`.
+    shape = tuple(getattr(weight, "ds_shape", getattr(weight, "shape", ())))
+    if weight is None or len(shape) != 2:
+        raise ValueError(
+            f"{type(lm).__name__} has no linear LM head (get_output_embeddings() returned {type(head).__name__}); the "
+            "RB KL needs one to compute next-token distributions from hidden states. Use kl_estimator='k1'."
         )
     config = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
     return HeadParams(

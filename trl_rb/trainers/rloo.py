@@ -38,15 +38,16 @@ from accelerate.utils import is_peft_model
 from ..kl import canonical_estimator, future_sum, prefix_importance_weights
 from .capture import REF_HIDDEN_KEY, HiddenCaptureMixin, ScoredCall
 from .fused_head import fused_loss_head, loss_head_for, weighted_sum
-from .heads import head_params
 from .metrics import log_sequence_metrics, masked_sequence_sum
 from .reference import load_reference_model, prepare_reference_model, trl_without_reference
 from .sampling import check_rb_sampling
 from .token_kl import (
     k3_per_token,
     logs_rb_metric,
+    policy_head,
     reference_head,
     token_kl_from_hidden,
+    trained_adapter,
     weighted_kl_sum_from_hidden,
 )
 
@@ -227,6 +228,7 @@ class RLOOTrainer(HiddenCaptureMixin, trl.RLOOTrainer):
                 quantization_config=quantization_config,
             )
             self.ref_model = prepare_reference_model(self, loaded)
+        self._rb_policy_adapter = trained_adapter(self)  # named now: trl's reference forward switches adapters
         self._rb_metric = logs_rb_metric(self, self.kl_estimator)
 
     # ---------------------------------------------------------------------------------------------------------------
@@ -283,7 +285,7 @@ class RLOOTrainer(HiddenCaptureMixin, trl.RLOOTrainer):
             with torch.no_grad():
                 k = token_kl_from_hidden(
                     policy.hidden,
-                    head_params(policy.model),
+                    policy_head(self, policy.model),
                     call.hidden,
                     reference_head(self),
                     temperature=self.temperature,
@@ -351,7 +353,7 @@ class RLOOTrainer(HiddenCaptureMixin, trl.RLOOTrainer):
         else:
             kl_term, kl_now = weighted_kl_sum_from_hidden(
                 calls[0].hidden,
-                head_params(model),
+                policy_head(self, model),
                 inputs[REF_HIDDEN_KEY],
                 reference_head(self),
                 kl_weights,

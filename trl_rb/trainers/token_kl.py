@@ -13,13 +13,15 @@ from typing import Any
 import torch
 
 from ..kl import linear_token_kl, linear_weighted_kl_sum
-from .heads import HeadParams, gathered_heads, head_params
+from .heads import ACTIVE_ADAPTER, HeadParams, gathered_heads, head_params
 
 __all__ = [
     "k3_per_token",
     "logs_rb_metric",
+    "policy_head",
     "reference_head",
     "token_kl_from_hidden",
+    "trained_adapter",
     "weighted_kl_sum_from_hidden",
 ]
 
@@ -125,16 +127,38 @@ def k3_per_token(log_ratio: torch.Tensor) -> torch.Tensor:
     return torch.expm1(-log_ratio) + log_ratio
 
 
+def trained_adapter(trainer: Any) -> str | object:
+    """The name of the adapter a PEFT policy trains (the active one: call it when the trainer is built, outside trl's
+    reference forwards), or ``ACTIVE_ADAPTER`` for a model without PEFT."""
+    peft_model = trainer.accelerator.unwrap_model(trainer.model)
+    if not hasattr(peft_model, "peft_config"):
+        return ACTIVE_ADAPTER
+    active = peft_model.active_adapter
+    return active if isinstance(active, str) else active[0]
+
+
+def policy_head(trainer: Any, model: Any) -> HeadParams:
+    """The policy's LM head: under PEFT ``modules_to_save``, the trained adapter's copy (named explicitly: trl's
+    reference forward switches adapters, and RLOO computes K_n inside it). ``model`` is the (possibly wrapped) policy
+    trl passes to its scoring or loss call."""
+    return head_params(model, adapter=trainer._rb_policy_adapter)
+
+
 def reference_head(trainer: Any) -> HeadParams:
-    """The reference's LM head: ``trainer.ref_model``'s, or, without one (PEFT policy, adapters disabled), the policy
-    model's base head: the original under a ``modules_to_save`` copy (head_params refuses a LoRA'd head).
+    """The reference's LM head, the one trl's reference forward uses: ``trainer.ref_model``'s; without one, the PEFT
+    policy's head under trl's reference adapter: trl 1.16's frozen ``"ref"`` copy of a pretrained adapter when it
+    added one, else adapters disabled (``use_adapter(model, "ref" if "ref" in model.peft_config else None)`` in its
+    scoring). Under ``modules_to_save`` that is ``modules_to_save["ref"]`` or the original module; head_params
+    refuses a LoRA'd head.
 
     The tensors are live parameters (a detached ZeRO-3 partition would stay empty when gathered); the KL functions
     here treat the reference side as a constant."""
     ref_model = getattr(trainer, "ref_model", None)
     if ref_model is not None:
         return head_params(ref_model)
-    return head_params(trainer.model, base=True)
+    peft_model = trainer.accelerator.unwrap_model(trainer.model)
+    adapter = "ref" if "ref" in getattr(peft_model, "peft_config", {}) else None
+    return head_params(trainer.model, adapter=adapter)
 
 
 def _check_fsdp_version(trainer: Any) -> None:
@@ -159,7 +183,7 @@ def logs_rb_metric(trainer: Any, estimator: str) -> bool:
         return False
     try:
         _check_fsdp_version(trainer)
-        head_params(trainer.model)
+        policy_head(trainer, trainer.model)
         reference_head(trainer)
     except ValueError as err:
         if required:
