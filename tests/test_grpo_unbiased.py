@@ -156,7 +156,9 @@ def stale_batch_grads(trainer, drop_keys: tuple[str, ...], nb: int, shift: float
 def off_policy_study(tmp_path, *, weighted: bool, nb: int = NB) -> dict[str, float]:
     """GRPO ``rb`` at ``num_iterations=2``: the mean must be c * grad KL(p_theta || q); ``weighted=False`` drops
     trl's old log-probs from the batch."""
-    trainer, _, _ = make_trainer("rb", tmp_path, batch=BATCH, group=GROUP, max_len=MAX_LEN, beta=BETA, num_iterations=2)
+    # uncapped weights: the truncation at rb_prefix_weight_cap trades this unbiasedness for a bounded step
+    trainer, _, _ = make_trainer("rb", tmp_path, batch=BATCH, group=GROUP, max_len=MAX_LEN, beta=BETA, num_iterations=2,
+                                 rb_prefix_weight_cap=None)  # fmt: skip
     drop = () if weighted else ("old_per_token_logps",)
     return z_statistics(*stale_batch_grads(trainer, drop, nb))
 

@@ -32,8 +32,9 @@ TARGET_ID = 3  # the token "w0": the reward is its frequency in the completion
 WORDS = ["[PAD]", "[EOS]", "[UNK]"] + [f"w{i}" for i in range(N_WORDS)]
 
 
-def build_lm(path, *, seed: int, words: list[str] = WORDS, tied: bool = True) -> str:
-    """Save a 2-layer GPT-2 (n_embd 32) and its word-level tokenizer (pad 0, eos 1) to ``path``."""
+def build_lm(path, *, seed: int, words: list[str] = WORDS, tied: bool = True, **config_overrides) -> str:
+    """Save a 2-layer GPT-2 (n_embd 32; ``config_overrides`` change its GPT2Config) and its word-level tokenizer
+    (pad 0, eos 1) to ``path``."""
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", eos_token="[EOS]", unk_token="[UNK]")
@@ -42,6 +43,8 @@ def build_lm(path, *, seed: int, words: list[str] = WORDS, tied: bool = True) ->
         vocab_size=len(words), n_embd=32, n_layer=2, n_head=2, n_positions=64, bos_token_id=1, eos_token_id=1,
         pad_token_id=0, tie_word_embeddings=tied,
     )
+    for key, value in config_overrides.items():
+        setattr(config, key, value)
     GPT2LMHeadModel(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)

@@ -1029,19 +1029,35 @@ def _reverse_cumsum(x: torch.Tensor) -> torch.Tensor:
     return x.flip(-1).cumsum(-1).flip(-1)
 
 
-def prefix_importance_weights(log_ratio: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def prefix_importance_weights(
+    log_ratio: torch.Tensor, mask: torch.Tensor, *, cap: float | None = None
+) -> torch.Tensor:
     """W_{<t} = prod_{s<t} p(y_s) / p_old(y_s): the importance weight of each position's prefix, [B, T] -> [B, T].
+
+    Computed in log space (a cumulative sum of log ratios, exponentiated once), so the only overflow is of the weight
+    itself: over 512 tokens a mean log ratio of 0.2 already gives W = exp(102), beyond float32.
 
     Args:
         log_ratio: [B, T] per-token log p(y_t) - log p_old(y_t) (detach it: the weights are constants), aligned with
-            the tokens; mask: [B, T] (1 = a token the sampling policy drew; others contribute factor 1).
+            the tokens; NaN (a sampler log-prob that was not available) counts as ratio 1, as in trl's vLLM correction.
+        mask: [B, T] (1 = a token the sampling policy drew; others contribute factor 1).
+        cap: upper bound C on every weight (truncated importance sampling, min(W, C)); None for none.
 
     Returns:
-        [B, T] float (log_ratio's dtype); W_{<0} = 1. Re-weights a batch sampled by p_old into an unbiased estimate
-        under p: E_old[W_{<t} f(y_<t)] = E_p[f(y_<t)] for any function of the prefix.
+        [B, T] float (log_ratio's dtype); W_{<0} = 1. Uncapped, it re-weights a batch sampled by p_old into an unbiased
+        estimate under p: E_old[W_{<t} f(y_<t)] = E_p[f(y_<t)] for any function of the prefix. Capped, the estimate
+        is finite with variance at most C times the on-policy one, and biased by -E_old[(W_{<t} - C)_+ f(y_<t)]: the
+        prefixes the current policy favours more than C-fold over the sampler are under-weighted. Uncapped weights
+        may be +inf.
     """
-    masked = torch.where(mask.bool(), log_ratio, torch.zeros((), dtype=log_ratio.dtype, device=log_ratio.device))
-    return torch.exp(masked.cumsum(-1) - masked)
+    keep = mask.bool() & ~torch.isnan(log_ratio)
+    masked = torch.where(keep, log_ratio, torch.zeros((), dtype=log_ratio.dtype, device=log_ratio.device))
+    log_weights = masked.cumsum(-1) - masked
+    if cap is not None:
+        if not cap > 0:
+            raise ValueError(f"cap={cap!r}: an importance-weight cap must be positive (or None for no cap).")
+        log_weights = log_weights.clamp(max=math.log(cap))
+    return torch.exp(log_weights)
 
 
 def future_sum(x: torch.Tensor) -> torch.Tensor:

@@ -53,12 +53,18 @@ import trl
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer import grpo_trainer as trl_grpo_trainer
 
-from ..kl import canonical_estimator, future_sum, prefix_importance_weights
+from ..kl import canonical_estimator, future_sum
 from .capture import REF_HIDDEN_KEY, HiddenCaptureMixin, ScoredCall
 from .fused_head import fused_loss_head, loss_head_for, weighted_sum
 from .metrics import log_sequence_metrics, masked_sequence_sum
+from .off_policy import (
+    DEFAULT_PREFIX_WEIGHT_CAP,
+    PREFIX_WEIGHT_CAP_HELP,
+    check_prefix_weight_cap,
+    sampler_prefix_weights,
+)
 from .reference import load_reference_model, prepare_reference_model, trl_without_reference
-from .sampling import check_rb_sampling
+from .sampling import check_rb_generation_config_of, check_rb_sampling
 from .token_kl import (
     logs_rb_metric,
     policy_head,
@@ -108,14 +114,21 @@ class GRPOConfig(trl.GRPOConfig):
               `steps_per_generation > gradient_accumulation_steps`) train on batches sampled by an older policy:
               each prefix is then weighted by W_{<t} = p(y_<t) / p_old(y_<t) (from trl's old log-probs, unclipped),
               beta * [sg(W_{<t}) K_t + (l_t - sg l_t) * sg(sum_{m>t} W_{<m} K_m)], which keeps the gradient
-              unbiased; trl's clipping of its own policy-gradient term is unchanged. With vLLM generation and
-              `vllm_importance_sampling_correction=True` (trl's default) the sampler is vLLM itself: W_{<t} then uses
-              vLLM's log-probs, which corrects for the vLLM-trainer mismatch too (not truncated, unlike trl's own
-              correction); with the correction off the mismatch is ignored, as trl ignores it.
+              unbiased up to the cap on W (`rb_prefix_weight_cap`); trl's clipping of its own policy-gradient term is
+              unchanged. With vLLM generation and `vllm_importance_sampling_correction=True` (trl's default) the
+              sampler is vLLM itself: W_{<t} then uses vLLM's log-probs, which corrects for the vLLM-trainer mismatch
+              too; with the correction off the mismatch is ignored, as trl ignores it.
         rb_kl_metric (`bool`, *optional*, defaults to `True`):
             Whether `k1` and `k3` runs also log `kl/rb` (the exact per-token KL summed per sequence). It costs two
             LM-head products per loss batch; `rb` runs always log it (they compute it anyway). Where the heads cannot
             give it (no linear LM head), it is skipped with one warning.
+        rb_prefix_weight_cap (`float` or `None`, *optional*, defaults to `3.0`):
+            Upper bound C on the prefix importance weights W_{<t} of the `rb` terms on batches the current policy did
+            not sample (reused batches, vLLM with the correction): min(W, C), truncated importance sampling as in
+            trl's vLLM correction (same default). It keeps the step finite (an uncapped W overflows float32 on long,
+            far off-policy completions) and biases it where the current policy makes a prefix more than C times as
+            likely as the sampler did (such prefixes are under-weighted). `None`: no cap, unbiased; a weight beyond
+            float range then raises a `ValueError`.
         use_bias_correction_kl (`bool` or `None`, *optional*, defaults to `None`):
             trl's option to multiply the k3 term by the importance-sampling ratio. `None` means trl's default
             (`True`) for `kl_estimator="k3"` and `False` otherwise; it only applies to `k3`, so `True` with `k1` or
@@ -135,6 +148,7 @@ class GRPOConfig(trl.GRPOConfig):
         default=True,
         metadata={"help": "Whether k1/k3 runs also log kl/rb (costs two LM-head products per loss batch)."},
     )
+    rb_prefix_weight_cap: float | None = field(default=DEFAULT_PREFIX_WEIGHT_CAP, metadata={"help": PREFIX_WEIGHT_CAP_HELP})
     use_bias_correction_kl: bool | None = field(
         default=None,
         metadata={
@@ -146,6 +160,7 @@ class GRPOConfig(trl.GRPOConfig):
 
     def __post_init__(self):
         self.kl_estimator = canonical_estimator(self.kl_estimator, allowed=GRPO_KL_ESTIMATORS)
+        check_prefix_weight_cap(self.rb_prefix_weight_cap)
         if self.use_bias_correction_kl is None:
             self.use_bias_correction_kl = self.kl_estimator == "k3"
         elif self.use_bias_correction_kl and self.kl_estimator != "k3":
@@ -271,6 +286,8 @@ class GRPOTrainer(HiddenCaptureMixin, trl.GRPOTrainer):
         else:
             super().__init__(model, reward_funcs, args, *pos_args, **kwargs)
         self.kl_estimator = estimator
+        if self.beta != 0.0:  # the checkpoint's generation config, known once trl has loaded the model
+            check_rb_generation_config_of(self, estimator)
         self._rb_policy_adapter = trained_adapter(self)  # named now: trl's reference forward switches adapters
         self._rb_metric = logs_rb_metric(self, estimator)
 
@@ -356,7 +373,7 @@ class GRPOTrainer(HiddenCaptureMixin, trl.GRPOTrainer):
             # A batch sampled by another policy (an earlier one, or vLLM's copy): its prefixes are re-weighted by
             # W_{<t} = p(y_<t) / p_sampler(y_<t), which keeps both halves of the gradient unbiased.
             sampler = self._sampler_logps(inputs)
-            prefix = None if sampler is None else prefix_importance_weights(logps.detach() - sampler, mask)
+            prefix = sampler_prefix_weights(self.args, logps, sampler, mask)
             weights = beta * self._reduce_weights(mask, inputs, mode)
             if prefix is not None:
                 weights = weights * prefix

@@ -35,12 +35,18 @@ import torch
 import trl
 from accelerate.utils import is_peft_model
 
-from ..kl import canonical_estimator, future_sum, prefix_importance_weights
+from ..kl import canonical_estimator, future_sum
 from .capture import REF_HIDDEN_KEY, HiddenCaptureMixin, ScoredCall
 from .fused_head import fused_loss_head, loss_head_for, weighted_sum
 from .metrics import log_sequence_metrics, masked_sequence_sum
+from .off_policy import (
+    DEFAULT_PREFIX_WEIGHT_CAP,
+    PREFIX_WEIGHT_CAP_HELP,
+    check_prefix_weight_cap,
+    sampler_prefix_weights,
+)
 from .reference import load_reference_model, prepare_reference_model, trl_without_reference
-from .sampling import check_rb_sampling
+from .sampling import check_rb_generation_config_of, check_rb_sampling
 from .token_kl import (
     k3_per_token,
     logs_rb_metric,
@@ -86,7 +92,13 @@ class RLOOConfig(trl.RLOOConfig):
             beta * sum_n sg(W_{<n}) K_n and a score-function correction sum_n (l_n - sg l_n) *
             sg(sum_{m>n} W_{<m} (K_m - K_m^old)) replaces the sampling policy's K in trl's ratio-weighted penalty by
             the current one: unbiased at unclipped ratios (trl's clipping of the sequence ratio, `epsilon`, biases the
-            penalty's half as it biases the reward's).
+            penalty's half as it biases the reward's) and uncapped weights (see `rb_prefix_weight_cap`).
+        rb_prefix_weight_cap (`float` or `None`, *optional*, defaults to `3.0`):
+            Upper bound C on the prefix importance weights W_{<n} of the RB terms on reused batches: min(W, C),
+            truncated importance sampling as in trl's vLLM correction (same default). It keeps the step finite (an
+            uncapped W overflows float32 on long, far off-policy completions) and biases it where the current policy
+            makes a prefix more than C times as likely as the sampling policy did (such prefixes are under-weighted).
+            `None`: no cap, unbiased; a weight beyond float range then raises a `ValueError`.
         rb_kl_metric (`bool`, *optional*, defaults to `True`):
             Whether `k1` and `k3` runs also log `kl/rb` (the exact per-token KL summed per sequence). It costs two
             LM-head products per generation batch; `rb` runs always log it. Where the heads cannot give it (no linear
@@ -108,6 +120,7 @@ class RLOOConfig(trl.RLOOConfig):
         default=True,
         metadata={"help": "Whether k1/k3 runs also log kl/rb (costs two LM-head products per generation batch)."},
     )
+    rb_prefix_weight_cap: float | None = field(default=DEFAULT_PREFIX_WEIGHT_CAP, metadata={"help": PREFIX_WEIGHT_CAP_HELP})
     stepwise: bool | None = field(
         default=None,
         metadata={
@@ -130,6 +143,7 @@ class RLOOConfig(trl.RLOOConfig):
                 "also given. Set only one of them (stepwise is the research code's name for 'rb' vs 'k1')."
             )
         self.kl_estimator = explicit or implied or "rb"
+        check_prefix_weight_cap(self.rb_prefix_weight_cap)
         super().__post_init__()
 
 
@@ -228,6 +242,8 @@ class RLOOTrainer(HiddenCaptureMixin, trl.RLOOTrainer):
                 quantization_config=quantization_config,
             )
             self.ref_model = prepare_reference_model(self, loaded)
+        if self.beta != 0.0:  # the checkpoint's generation config, known once trl has loaded the model
+            check_rb_generation_config_of(self, self.kl_estimator)
         self._rb_policy_adapter = trained_adapter(self)  # named now: trl's reference forward switches adapters
         self._rb_metric = logs_rb_metric(self, self.kl_estimator)
 
@@ -346,7 +362,7 @@ class RLOOTrainer(HiddenCaptureMixin, trl.RLOOTrainer):
         old = inputs.get(OLD_TOKEN_LOGPS_KEY)
         # A batch sampled by an earlier policy (num_iterations > 1, steps_per_generation > accumulation): the prefixes
         # are re-weighted by W_{<n} = p(y_<n) / p_old(y_<n); on-policy W = 1.
-        prefix = None if old is None else prefix_importance_weights(logps.detach() - old, mask)
+        prefix = sampler_prefix_weights(self.args, logps, old, mask)
         kl_weights = weights if prefix is None else weights * prefix
         if fused is not None and fused.token_kl is not None:  # K_n from trl's loss forward, fused with its log-probs
             kl_term, kl_now = weighted_sum(kl_weights, fused.token_kl)

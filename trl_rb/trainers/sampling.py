@@ -1,7 +1,7 @@
 """Deny-by-default check that trl samples completions from the distribution the Rao-Blackwellized KL is computed for.
 
-Pure logic on a ``GRPOConfig`` / ``RLOOConfig`` (or any object with the same attributes): nothing here imports trl,
-transformers or vLLM.
+Pure logic on a ``GRPOConfig`` / ``RLOOConfig`` (or any object with the same attributes) and on the checkpoint's
+generation config as a dict: nothing here imports trl, transformers or vLLM.
 """
 
 from __future__ import annotations
@@ -208,9 +208,10 @@ def check_rb_sampling(
       ``min_new_tokens``/``min_tokens`` 0, ``do_sample`` True, ``num_beams`` 1, ``guidance_scale`` None/1, ...);
       a key of :data:`GUIDED_KEYS` (vLLM structured/guided decoding) only when None.
 
-    Not visible from ``args``, hence not checked: the ``suppress_tokens=[image_token_id]`` trl adds for vision-language
-    processors, a ``generation_config.json`` of the checkpoint (transformers fills every key trl leaves at None from
-    it), and the sampling defaults of an external ``trl vllm-serve`` server.
+    Not visible from ``args``, hence not checked here: the ``suppress_tokens=[image_token_id]`` trl adds for
+    vision-language processors, a ``generation_config.json`` of the checkpoint (checked by
+    :func:`check_rb_checkpoint_generation_config` once the trainer has loaded the model), and the sampling defaults of
+    an external ``trl vllm-serve`` server.
 
     ``kl_estimator`` ``'k1'`` and ``'k3'`` score the sampled tokens with trl's own log-probabilities and stay valid
     under any sampler: for any estimator other than ``'rb'`` this returns at once.
@@ -242,23 +243,9 @@ def check_rb_sampling(
             problems.append(f"{name}={value!r} (guided decoding masks the vocabulary: use None)")
 
     for key, value in generation_kwargs.items():
-        entry = f"generation_kwargs[{key!r}]={value!r}"  # not `setting`: that names the option in the message
-        if key == "temperature":
-            if not (_is_real(value) and value == temperature):
-                problems.append(f"{entry} (use {temperature!r}, the config's temperature, or remove the key)")
-        elif key in HARMLESS_KEYS:
-            continue
-        elif key in NEUTRAL_VALUES:
-            neutral, fix = NEUTRAL_VALUES[key]
-            if not _is_neutral(value, neutral):
-                problems.append(f"{entry} (use {fix})")
-        elif key in GUIDED_KEYS:
-            if value is not None:
-                problems.append(f"{entry} (guided decoding masks the vocabulary: remove the key)")
-        else:
-            problems.append(
-                f"{entry} (a key unknown to trl_rb, which may change the sampling distribution: remove it)"
-            )
+        problem = _key_problem(key, value, temperature, "remove the key")
+        if problem:  # `entry`, not `setting`: that names the option in the message
+            problems.append(f"generation_kwargs[{key!r}]={value!r} ({problem})")
 
     if problems:
         raise ValueError(
@@ -266,6 +253,75 @@ def check_rb_sampling(
             "temperature), so the completions must be sampled from exactly those distributions, but "
             f"{'; '.join(problems)}. Change those settings, or use {fallback}."
         )
+
+
+def check_rb_checkpoint_generation_config(
+    saved: Mapping[str, Any],
+    trl_kwargs: Mapping[str, Any],
+    temperature: float,
+    *,
+    source: str,
+    transformers_major: int,
+    setting: str = "kl_estimator='rb'",
+    fallback: str = "kl_estimator='k1'",
+) -> None:
+    """Refuse a checkpoint ``generation_config.json`` whose sampling settings reach ``generate()`` past trl's own.
+
+    trl 1.16 passes ``generate()`` a GenerationConfig of its own keys (``trl_kwargs``: temperature, top_p, top_k,
+    min_p, repetition_penalty, ..., merged with ``generation_kwargs``), and transformers fills the rest from the
+    model's ``generation_config`` (measured on transformers 5.24 with a checkpoint setting top_k 20, top_p 0.8,
+    repetition_penalty 1.1, min_p 0.05, typical_p 0.9, no_repeat_ngram_size 3: generate() built
+    NoRepeatNGram, MinP and Typical processors; trl's top_k, top_p and repetition_penalty won). Which of trl's keys
+    win depends on the transformers major version:
+
+    - 5.x: a key trl passes with a value that is not None (transformers#42702 merges the model's config into the
+      None fields only). trl's ``min_p=None`` therefore lets a checkpoint's ``min_p`` through.
+    - 4.x: every key trl passes, None included (trl's ``_override_model_generation_config`` copies its keys onto the
+      model's config during generation, the workaround for transformers#42762).
+
+    Every other key of ``saved`` (the checkpoint's non-default settings, ``to_diff_dict()``) is checked like a
+    ``generation_kwargs`` key: harmless keys pass, distribution-changing ones must be neutral, unknown ones are
+    refused.
+
+    Raises:
+        ValueError: naming ``source`` (the file), every offending key, and the fix (a neutral value in
+            ``generation_kwargs``, which then wins, or the key removed from the file).
+    """
+    if transformers_major >= 5:
+        trl_wins = {key for key, value in trl_kwargs.items() if value is not None}
+    else:
+        trl_wins = set(trl_kwargs)
+    problems = []
+    for key, value in saved.items():
+        if key in trl_wins:
+            continue
+        problem = _key_problem(key, value, temperature, "remove the key from the file")
+        if problem:
+            problems.append(f"{key}={value!r} ({problem})")
+    if problems:
+        raise ValueError(
+            f"{setting} computes the exact KL of softmax(logits / temperature), but the model's generation config "
+            f"({source}) sets {'; '.join(problems)}, and transformers applies it when trl generates. Override each key "
+            "with its neutral value in generation_kwargs (e.g. generation_kwargs={'min_p': 0.0}), remove it from "
+            f"the file, or use {fallback}."
+        )
+
+
+def _key_problem(key: Any, value: Any, temperature: Any, removal: str) -> str | None:
+    """Why ``key=value`` of a generation config changes softmax(logits / temperature), as the fix to apply, or None.
+    ``removal`` is how to drop the key where that is the fix."""
+    if key == "temperature":
+        if _is_real(value) and value == temperature:
+            return None
+        return f"use {temperature!r}, the config's temperature, or {removal}"
+    if key in HARMLESS_KEYS:
+        return None
+    if key in NEUTRAL_VALUES:
+        neutral, fix = NEUTRAL_VALUES[key]
+        return None if _is_neutral(value, neutral) else f"use {fix}"
+    if key in GUIDED_KEYS:
+        return None if value is None else f"guided decoding masks the vocabulary: {removal}"
+    return "a key unknown to trl_rb, which may change the sampling distribution: remove it"
 
 
 def _generation_kwargs(args: Any, problems: list[str]) -> dict[Any, Any]:
@@ -303,3 +359,31 @@ def _is_neutral(value: Any, neutral: tuple[Any, ...]) -> bool:
         elif _is_real(value) and value == allowed:
             return True
     return False
+
+
+def check_rb_generation_config_of(trainer: Any, estimator: str) -> None:
+    """``check_rb_checkpoint_generation_config`` for a built trl trainer: its policy's ``generation_config`` against
+    the generation kwargs trl stored (``trainer.generation_kwargs``).
+
+    With vLLM (``use_vllm``) trl builds vLLM ``SamplingParams`` from its own arguments, which the checkpoint's
+    generation config does not enter: nothing to check here.
+    """
+    if estimator != "rb" or getattr(trainer.args, "use_vllm", False):
+        return
+    from importlib.metadata import version
+
+    from .heads import unwrap_causal_lm
+
+    lm = unwrap_causal_lm(trainer.model)
+    generation_config = getattr(lm, "generation_config", None)
+    trl_kwargs = getattr(trainer, "generation_kwargs", None)
+    if generation_config is None or trl_kwargs is None:
+        return
+    name = getattr(lm.config, "_name_or_path", "") or type(lm).__name__
+    check_rb_checkpoint_generation_config(
+        generation_config.to_diff_dict(),
+        trl_kwargs,
+        trainer.args.temperature,
+        source=f"{name}/generation_config.json",
+        transformers_major=int(version("transformers").split(".")[0]),
+    )
