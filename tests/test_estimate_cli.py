@@ -272,3 +272,51 @@ def test_run_defaults_from_a_trainer_run_folder(tmp_path):
     torch.save(args, tmp_path / "training_args.bin")
     assert run_defaults(tmp_path) == {"max_new_tokens": 7, "temperature": 0.9}
     assert run_defaults(tmp_path / "missing") == {}
+
+
+def _prompt_run(capsys, models, prompts_arg: str, tmp_path) -> dict:
+    code, out, err = _run(capsys, ["--policy", models / "policy", "--reference", models / "reference", "--prompts",
+                                   prompts_arg, "--samples-per-prompt", 2, "--max-new-tokens", 2, "--no-progress",
+                                   "--output", tmp_path / "o.json"])  # fmt: skip
+    assert code == 0, err
+    return json.loads((tmp_path / "o.json").read_text())
+
+
+def test_prompts_from_stdin_a_pipe_and_a_fifo(models, tmp_path, capsys, monkeypatch):
+    import io
+    import os
+    import threading
+
+    from trl_rb.estimate.cli import read_prompts
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("a b\n\nc\n"))
+    assert _prompt_run(capsys, models, "-", tmp_path)["n_prompts"] == 2
+    read_end, write_end = os.pipe()  # what the shell's <(...) hands over: /dev/fd/N
+    os.write(write_end, b"b c\na\nc a b\n")
+    os.close(write_end)
+    try:
+        assert _prompt_run(capsys, models, f"/dev/fd/{read_end}", tmp_path)["n_prompts"] == 3
+    finally:
+        os.close(read_end)
+    fifo = tmp_path / "prompts.fifo"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_text("a\nb\n"))
+    writer.start()
+    assert read_prompts(fifo) == ["a", "b"]
+    writer.join()
+    code, _, err = _run(capsys, ["--policy", models / "policy", "--prompts", tmp_path / "missing.txt"])
+    assert code == 2 and "no such file" in err
+    code, _, err = _run(capsys, ["--policy", models / "policy", "--prompts", tmp_path])
+    assert code == 2 and "is a folder" in err
+
+
+def test_variance_ratio_is_undefined_when_k1_does_not_vary():
+    import numpy as np
+
+    from trl_rb.estimate.api import EstimateResult
+
+    values = {"k1": np.zeros((2, 4)), "rb": np.array([[0.1, 0.2, 0.3, 0.4], [0.2, 0.1, 0.3, 0.5]])}
+    result = EstimateResult(values=values, lengths=np.full((2, 4), 3), m_values=(1, 2))
+    assert result.summary("rb")["var_ratio_vs_k1"] is None and result.summary("k1")["var_ratio_vs_k1"] is None
+    rows = {line.split()[0]: line for line in result.format_table().splitlines()[1:] if line.strip()}
+    assert "undefined" in rows["rb"] and "undefined" in rows["k1"]

@@ -1129,8 +1129,11 @@ def kl_surrogate(
     With ``sg`` the stop-gradient and ``l_n = log p_n(y_n)``:
 
     - ``k1``: ``sg(sum r_n) + sum_n (l_n - sg l_n) * sg(sum_{m>=n} r_m)``: the unbiased score-function (MC) gradient.
-    - ``rb``: ``sum_n K_n + sum_n (l_n - sg l_n) * sg(sum_{m>n} K_m)``: the unbiased Rao-Blackwellized gradient,
-      whose mean squared error is no larger than k1's.
+    - ``rb``: ``sum_n K_n + sum_n (l_n - sg l_n) * sg(sum_{m>n} K_m)``: the unbiased Rao-Blackwellized gradient.
+      Each K_n is r_n's expectation given the prefix, so no K_n is noisier than the r_n it replaces, but the sequence
+      sum is not guaranteed to be: K_m of a later step can cancel an earlier r_n, so neither the value's nor the
+      gradient's variance (hence mean squared error) is provably at or below k1's
+      (tests/test_rb_variance_counterexample.py builds a pair where k1 is constant and rb is not).
     - ``k2``, ``k3``, ``cv``: the value differentiated with the sampled tokens held fixed, as trainers do when they
       put them in the loss. ``k2`` gives sum_n r_n grad l_n, whose mean is the sum of the per-step KL gradients with
       the prefix fixed (no score term for later steps): biased for the sequence KL. ``k3`` gives

@@ -129,7 +129,8 @@ class EstimateResult:
         ``std`` is the sample standard deviation (ddof=1) of the per-sample values, ``se = std / sqrt(N)`` (this
         treats the samples as i.i.d. draws of (prompt, completion); with the same number of samples for every
         prompt it is conservative for the average over these prompts), ``ci95 = mean -/+ 1.96 se``,
-        ``frac_negative`` the fraction of samples < 0, ``var_ratio_vs_k1 = std^2 / std_k1^2``. ``std_m`` maps each M
+        ``frac_negative`` the fraction of samples < 0, ``var_ratio_vs_k1 = std^2 / std_k1^2`` (None where k1's
+        variance is 0 or unknown: the ratio is undefined). ``std_m`` maps each M
         to the M-table entry (see ``m_table``); with an exact KL, ``bias = mean - exact_kl`` and ``z = bias / se``.
         """
         v = self.values[name].reshape(-1)
@@ -148,7 +149,8 @@ class EstimateResult:
             "ci95": [mean - 1.959963984540054 * se, mean + 1.959963984540054 * se],
             "frac_negative": float((v < 0).mean()),
             # var / var_k1 from the same float computation: k1's own ratio is exactly 1 (std * std / var was not)
-            "var_ratio_vs_k1": var / var_k1 if var_k1 > 0 else (1.0 if var == 0 and var_k1 == 0 else float("nan")),
+            # undefined (None, printed "undefined") when k1 does not vary: no ratio to it means anything, 0/0 included
+            "var_ratio_vs_k1": var / var_k1 if var_k1 > 0 else None,
             "std_m": {str(m): table[name][m]["std"] for m in self.m_values},
             "std_m_formula": {str(m): table[name][m]["std_formula"] for m in self.m_values},
         }
@@ -227,7 +229,8 @@ class EstimateResult:
                 _fmt(s["se"]),
                 f"[{_fmt(s['ci95'][0])}, {_fmt(s['ci95'][1])}]",
             ]
-            row += [f"{s['frac_negative']:.3f}", _fmt(s["var_ratio_vs_k1"])]
+            ratio = s["var_ratio_vs_k1"]
+            row += [f"{s['frac_negative']:.3f}", "undefined" if ratio is None else _fmt(ratio)]
             for m in self.m_values:
                 if s["std_m"][str(m)] is None:
                     formula_used = True

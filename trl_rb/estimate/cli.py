@@ -54,7 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument(
         "--prompts",
         default=None,
-        help="text file with one prompt per line (blank lines skipped), or .jsonl with a 'prompt' field",
+        help="text file with one prompt per line (blank lines skipped), or .jsonl with a 'prompt' field; any readable "
+        "path (a pipe, <(...)), or - for standard input",
     )
     src.add_argument("--dataset", default=None, help="a datasets.save_to_disk folder with a prompt column")
     p.add_argument(
@@ -113,13 +114,26 @@ def _parser() -> argparse.ArgumentParser:
 def read_prompts(path: str | os.PathLike) -> list[str]:
     """Prompts from a text file (one per line, blank lines skipped) or a ``.jsonl`` file with a ``prompt`` field.
 
+    ``path`` is any readable path: a regular file, a pipe or process substitution (``<(...)``), a FIFO or ``/dev/stdin``;
+    ``-`` reads standard input. Their contents are text (one prompt per line) unless the name ends in ``.jsonl``.
+
     Raises:
-        UsageError: missing file, a malformed JSON line or a line without a string ``prompt`` (the line is named).
+        UsageError: a path that does not exist or cannot be read, a malformed JSON line or a line without a string
+            ``prompt`` field (the line is named).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"--prompts: no such file: {path}")
-    text = path.read_text(encoding="utf-8")
+    if str(path) == "-":
+        path, text = Path("-"), sys.stdin.read()
+    else:
+        path = Path(path)
+        if path.is_dir():
+            raise UsageError(f"--prompts: {path} is a folder; give a file (or --dataset for a saved dataset).")
+        try:
+            with open(path, encoding="utf-8") as handle:  # not is_file(): pipes and FIFOs are readable too
+                text = handle.read()
+        except FileNotFoundError:
+            raise UsageError(f"--prompts: no such file: {path}") from None
+        except OSError as err:
+            raise UsageError(f"--prompts: cannot read {path}: {err.strerror or err}") from None
     if path.suffix.lower() != ".jsonl":
         return [line for line in text.splitlines() if line.strip()]
     prompts = []

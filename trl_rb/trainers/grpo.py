@@ -88,8 +88,9 @@ class GRPOConfig(trl.GRPOConfig):
         kl_estimator (`str`, *optional*, defaults to `"rb"`):
             Which estimator of KL(policy || reference) regularizes the policy (case-insensitive; aliases `mc` for
             `k1`, `full` for `rb`). The default is `"rb"`, as in [`trl_rb.RLOOConfig`]: with trl's default
-            `beta=0.0` nothing changes until a beta is set. With `beta=0` there is no KL term (trl loads no
-            reference): every mode then trains exactly like trl and no KL metric is logged.
+            `beta=0.0` there is no KL term (trl loads no reference) and no KL metric is logged: every mode then
+            trains like trl, except that models with absolute position embeddings (GPT-2) are scored at the positions
+            generation used (`cumsum(attention_mask) - 1`; trl 1.16 passes none, which shifts left-padded rows).
 
             - `"k3"`: trl's GRPO term beta * (exp(-r_t) - 1 + r_t) added to each token's loss, with
               r_t = log p(y_t) - log q(y_t), trl's behaviour. Its gradient is biased for grad KL (see the module
@@ -141,7 +142,8 @@ class GRPOConfig(trl.GRPOConfig):
             "help": "KL estimator: 'rb' (alias 'full'; default): Rao-Blackwellized surrogate with the exact per-token "
             "KL, unbiased, typically lower variance; 'k3': trl's per-token k3 in the loss, biased gradient; 'k1' "
             "(alias 'mc'): detached sum of log ratios in the advantages, unbiased score-function gradient. "
-            "Case-insensitive. With beta=0 there is no KL term and every mode trains like trl."
+            "Case-insensitive. With beta=0 there is no KL term and every mode trains like trl, except that absolute-position "
+            "models (GPT-2) are scored at generation's position ids."
         },
     )
     rb_kl_metric: bool = field(
@@ -233,7 +235,9 @@ class GRPOTrainer(HiddenCaptureMixin, trl.GRPOTrainer):
 
     Same constructor as ``trl.GRPOTrainer``, plus ``ref_model``: an optional reference (a path or a model sharing the
     policy's vocabulary) to regularize toward instead of the policy's starting point; it needs ``beta > 0``. A plain
-    ``trl.GRPOConfig`` means ``kl_estimator="k3"``.
+    ``trl.GRPOConfig`` gets the default ``kl_estimator="rb"`` (with a warning when beta > 0, since its
+    ``use_bias_correction_kl=True``, a k3-only option, is then ignored); for trl's k3 term use
+    ``trl_rb.GRPOConfig(kl_estimator="k3")``.
 
     Logged every step when ``beta > 0``, on the batch of the loss, whatever the mode: ``kl/k1`` and ``kl/rb``, the mean
     over sequences of sum_t r_t and of sum_t K_t (both estimate KL(p || q) per completion; kl/rb with less variance).

@@ -163,8 +163,10 @@ class RLOOTrainer(HiddenCaptureMixin, trl.RLOOTrainer):
     ``kl/k1`` and ``kl/rb``, the mean over sequences of sum_n r_n and of sum_n K_n. trl's own ``kl`` metric is the
     per-token mean of the estimator in use.
 
-    With ``beta == 0`` trl loads no reference and computes no KL: every mode then trains exactly like trl, and no KL
-    metric is logged (passing ``ref_model`` with ``beta == 0`` is an error).
+    With ``beta == 0`` trl loads no reference and computes no KL, and no KL metric is logged (passing ``ref_model``
+    with ``beta == 0`` is an error): every mode then trains like trl, except that models with absolute position
+    embeddings (GPT-2) are scored at the positions generation used (``cumsum(attention_mask) - 1``; trl 1.16 passes
+    none, which shifts left-padded rows).
     """
 
     _tag_names = [*trl.RLOOTrainer._tag_names, "trl-rb"]
