@@ -45,7 +45,7 @@ def _perturb(model: torch.nn.Module, adapter: str, seed: int) -> None:
                 param.add_(0.5 * torch.randn(param.shape, generator=gen, dtype=param.dtype))
 
 
-def _trainer(trainer_name: str, setup: str, tmp_path):
+def _trainer(trainer_name: str, setup: str, tmp_path, estimator: str = "rb"):
     path = build_lm(tmp_path / "lm", seed=0, tied=False)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model, peft_config = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), None
@@ -56,7 +56,7 @@ def _trainer(trainer_name: str, setup: str, tmp_path):
         _perturb(model, "default", seed=1)
         assert isinstance(model, PeftModel)
     common = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=BATCH, num_generations=GROUP,
-                  max_completion_length=6, beta=BETA, kl_estimator="rb", report_to=[], use_cpu=True, bf16=False,
+                  max_completion_length=6, beta=BETA, kl_estimator=estimator, report_to=[], use_cpu=True, bf16=False,
                   disable_dropout=True, save_strategy="no")  # fmt: skip
     config_class, trainer_class = (RLOOConfig, RLOOTrainer) if trainer_name == "rloo" else (GRPOConfig, GRPOTrainer)
     trainer = trainer_class(model, low_words_reward, args=config_class(**common), processing_class=tokenizer,
@@ -80,10 +80,13 @@ def _exact_sequence_kl(trainer, peft_model, inputs) -> torch.Tensor:
     return masked_sequence_sum(token_kl(lp, lq, temperature=trainer.temperature), inputs["completion_mask"])
 
 
+@pytest.mark.parametrize("estimator", ["rb", "k1", "k3"])
 @pytest.mark.parametrize("setup", ["fresh", "pretrained", "target_parameters"])
 @pytest.mark.parametrize("trainer_name", ["rloo", "grpo"])
-def test_kl_is_to_the_reference_trl_scores(tmp_path, trainer_name, setup):
-    trainer, peft_model = _trainer(trainer_name, setup, tmp_path)
+def test_kl_is_to_the_reference_trl_scores(tmp_path, trainer_name, setup, estimator):
+    """kl/rb (logged in every mode) against the truth; for rb also the loss's analytic term (RLOO; GRPO's loss uses
+    the very K_n it logs)."""
+    trainer, peft_model = _trainer(trainer_name, setup, tmp_path, estimator)
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = 1
     torch.manual_seed(0)
@@ -92,7 +95,24 @@ def test_kl_is_to_the_reference_trl_scores(tmp_path, trainer_name, setup):
     exact = _exact_sequence_kl(trainer, peft_model, inputs)
     assert exact.mean().item() > 0.3  # the perturbed adapter and head moved the policy far from its reference
     assert trainer._metrics["train"]["kl/rb"][-1] == pytest.approx(exact.mean().item(), rel=1e-5)
-    if trainer_name == "rloo":
+    if trainer_name == "rloo" and estimator == "rb":
         # The loss's analytic half: trl's own loss on the same batch plus beta * mean_i sum_n K_n (on-policy).
         trl_loss = trl.RLOOTrainer._compute_loss(trainer, trainer.model, inputs)
         assert (loss - trl_loss).item() == pytest.approx(BETA * exact.mean().item(), rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    "head_adapter",
+    [dict(target_modules=["c_attn", "lm_head"]), dict(target_modules=["c_attn"], trainable_token_indices={"lm_head": [3, 4]})],
+    ids=["lora", "trainable_tokens"],
+)
+@pytest.mark.parametrize("trainer_name", ["rloo", "grpo"])
+def test_an_adapter_on_the_head_is_refused(tmp_path, trainer_name, head_adapter):
+    """The head's logits would not be its weight's: rb refuses (trl itself may refuse LoRA on the head first)."""
+    path = build_lm(tmp_path / "lm", seed=0, tied=False)
+    common = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=BATCH, num_generations=GROUP,
+                  beta=BETA, kl_estimator="rb", report_to=[], use_cpu=True, bf16=False)  # fmt: skip
+    config_class, trainer_class = (RLOOConfig, RLOOTrainer) if trainer_name == "rloo" else (GRPOConfig, GRPOTrainer)
+    with pytest.raises(ValueError, match="lm_head|LM head"):
+        trainer_class(path, low_words_reward, args=config_class(**common), peft_config=LoraConfig(r=2, **head_adapter),
+                      train_dataset=Dataset.from_dict({"prompt": ["w5 w6"] * 8}))  # fmt: skip

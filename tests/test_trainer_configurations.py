@@ -314,3 +314,28 @@ def test_sync_ref_model_reads_the_synced_reference(lm_paths, tmp_path):  # noqa:
     exact = exact_sequence_kl(trainer, inputs, ref).mean().item()
     assert exact > 1e-4
     assert trainer._metrics["train"]["kl/rb"][-1] == pytest.approx(exact, rel=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# FSDP1: refused for rb, metric skipped for k1 / k3 (the check both trainers run at construction)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("estimator", ["rb", "k1", "k3"])
+def test_fsdp1_is_refused_for_rb_and_skips_the_metric_otherwise(estimator):
+    """accelerate enables FSDP only on accelerators, so the trainers cannot be built under FSDP1 here: the shared
+    construction-time check (``logs_rb_metric``, called by RLOO and GRPO alike) gets a trainer as FSDP1 leaves it."""
+    from types import SimpleNamespace
+
+    from trl_rb.trainers.token_kl import logs_rb_metric
+
+    fsdp1 = SimpleNamespace(
+        beta=0.1, args=SimpleNamespace(rb_kl_metric=True), is_fsdp_enabled=True,
+        accelerator=SimpleNamespace(state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=1))),
+    )  # fmt: skip
+    if estimator == "rb":
+        with pytest.raises(ValueError, match="fsdp_version=1"):
+            logs_rb_metric(fsdp1, estimator)
+    else:
+        with pytest.warns(UserWarning, match="kl/rb will not be logged.*FSDP1"):
+            assert logs_rb_metric(fsdp1, estimator) is False
