@@ -216,3 +216,26 @@ def test_lazy_exports():
     assert trl_rb.exact_kl is exact_kl
     assert trl_rb.exact_kl_and_grad is exact_kl_and_grad
     assert trl_rb.enumerate_completions is enumerate_completions
+
+
+def test_exact_reward_gradient_matches_the_explicit_sum():
+    """sum_y p(y) R(y) and its gradient against an explicit float64 computation from the completion table."""
+    from trl_rb.exact import exact_reward_and_grad
+
+    policy, reference = tiny_pair(4, 8, 0)
+
+    def reward(tokens, mask):
+        return (tokens == 1).double().mul(mask).sum(-1) - 0.3 * mask.sum(-1)
+
+    value, grads = exact_reward_and_grad(policy, [0], reward, max_new_tokens=3, eos_token_id=3)
+    table = completion_table(policy, reference, [0], max_new_tokens=3, eos_token_id=3)
+    assert value == pytest.approx(float((table.prob * reward(table.tokens, table.mask)).sum()), rel=1e-12)
+    named = {n: p for n, p in policy.named_parameters() if p.requires_grad}
+    ids = torch.cat([torch.zeros(table.tokens.shape[0], 1, dtype=torch.long), table.tokens], dim=1)
+    logits = policy(ids)[:, :-1].double()  # logits[:, i] predicts completion token i
+    lp = (torch.log_softmax(logits, -1).gather(-1, table.tokens.unsqueeze(-1)).squeeze(-1) * table.mask).sum(-1)
+    expected = torch.autograd.grad((lp.exp() * reward(table.tokens, table.mask)).sum(), list(named.values()))
+    for name, e in zip(named, expected, strict=True):
+        torch.testing.assert_close(grads[name], e, rtol=1e-10, atol=1e-14)
+    with pytest.raises(ValueError, match="expected \\[M\\]"):
+        exact_reward_and_grad(policy, [0], lambda t, m: torch.zeros(2), max_new_tokens=3, eos_token_id=3)

@@ -55,9 +55,11 @@ def make_trainer(
     dtype: torch.dtype = torch.float64,
     **config,
 ):
-    """A trainer on the tiny pair: policy = ``tiny_gpt2_pair(seed)[0]``, reference = ``[1]`` (via ``ref_model=``)."""
+    """A trainer on the tiny pair: policy = ``tiny_gpt2_pair(seed)[0]``, reference = ``[1]`` (via ``ref_model=``);
+    ``rb`` is the plain RB gradient (``rb_gamma=0``) unless ``rb_gamma`` is given."""
     policy, reference = tiny_gpt2_pair(VOCAB, seed=seed, dtype=dtype, **MODEL_KW)
     config.setdefault("scale_rewards", "none")
+    config.setdefault("rb_gamma", 0.0)  # rb: the plain RB gradient (tests/test_gamma.py covers the control variate)
     # trl's default autocasts its log-prob head to bf16, even on CPU; the tests compare in float64
     config.setdefault("bf16", False)
     args = GRPOConfig(

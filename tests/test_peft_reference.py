@@ -56,7 +56,7 @@ def _trainer(trainer_name: str, setup: str, tmp_path, estimator: str = "rb"):
         _perturb(model, "default", seed=1)
         assert isinstance(model, PeftModel)
     common = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=BATCH, num_generations=GROUP,
-                  max_completion_length=6, beta=BETA, kl_estimator=estimator, report_to=[], use_cpu=True, bf16=False,
+                  max_completion_length=6, beta=BETA, kl_estimator=estimator, rb_gamma=0.0, report_to=[], use_cpu=True, bf16=False,
                   disable_dropout=True, save_strategy="no")  # fmt: skip
     config_class, trainer_class = (RLOOConfig, RLOOTrainer) if trainer_name == "rloo" else (GRPOConfig, GRPOTrainer)
     trainer = trainer_class(model, low_words_reward, args=config_class(**common), processing_class=tokenizer,

@@ -91,6 +91,7 @@ def make_config(tmp_path, estimator: str, **overrides) -> RLOOConfig:
         bf16=False,
         disable_dropout=True,
         disable_tqdm=True,
+        rb_gamma=0.0,  # rb: the plain RB gradient (tests/test_gamma.py covers the control variate)
     )
     kwargs.update(overrides)
     return RLOOConfig(**kwargs)

@@ -43,8 +43,9 @@ NB, BATCH, GROUP, MAX_LEN, BETA = 200, 64, 16, 4, 0.1
 Z_MAX = 4.5
 
 
-def make_trainer(estimator: str, root, temperature: float = 1.0, **config) -> RLOOTrainer:
-    """An RLOO trainer on the tiny float64 pair: policy = ``tiny_gpt2_pair(0)[0]``, reference = ``[1]``.
+def make_trainer(estimator: str, root, temperature: float = 1.0, reward=zero_reward, **config) -> RLOOTrainer:
+    """An RLOO trainer on the tiny float64 pair: policy = ``tiny_gpt2_pair(0)[0]``, reference = ``[1]``. ``rb`` is the
+    plain RB gradient (``rb_gamma=0``) unless ``rb_gamma`` is given.
 
     The models go through disk: trl's RLOO constructor builds its own reference copy from the policy's path before
     ``ref_model=`` replaces it, so an in-memory policy without a path cannot be used.
@@ -71,11 +72,11 @@ def make_trainer(estimator: str, root, temperature: float = 1.0, **config) -> RL
         use_cpu=True,
         logging_steps=1,
         save_strategy="no",
-        **config,
+        **{"rb_gamma": 0.0, **config},
     )
     return RLOOTrainer(
         model=paths[0],
-        reward_funcs=[zero_reward],
+        reward_funcs=[reward],
         args=args,
         train_dataset=Dataset.from_dict({"prompt": [PROMPT] * 256}),
         processing_class=tiny_tokenizer(),

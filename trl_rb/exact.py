@@ -36,6 +36,7 @@ __all__ = [
     "eval_mode",
     "exact_kl",
     "exact_kl_and_grad",
+    "exact_reward_and_grad",
 ]
 
 # Rows per forward pass: bounds the activations of one forward whatever the number of completions.
@@ -381,30 +382,90 @@ def exact_kl_and_grad(
         ``(kl, grads)``: the KL (float) and a dict name -> gradient (same shape and dtype as the parameter; zeros
         for a parameter the KL does not depend on). Existing ``.grad`` fields are left untouched.
     """
-    _check_temperature(temperature)
     prompt = _check_prompt(prompt_ids)
+
+    def kl_terms(lp: torch.Tensor, rows: torch.Tensor, rows_mask: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            lq = _seq_logprob(_completion_logits(reference, prompt, rows).cpu(), rows, rows_mask, temperature)
+        return lp - lq
+
+    with eval_mode(policy, reference):
+        _vocab_size(policy, reference, prompt)
+        return _expectation_and_grad(policy, prompt, kl_terms, max_new_tokens=max_new_tokens,
+                                     eos_token_id=eos_token_id, temperature=temperature,
+                                     max_completions=max_completions, params=params)  # fmt: skip
+
+
+def exact_reward_and_grad(
+    policy: Model,
+    prompt_ids: Sequence[int] | torch.Tensor,
+    reward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    *,
+    max_new_tokens: int,
+    eos_token_id: int | None,
+    temperature: float = 1.0,
+    max_completions: int = 200_000,
+    params: Mapping[str, torch.Tensor] | Iterable[torch.Tensor] | None = None,
+) -> tuple[float, dict[str, torch.Tensor]]:
+    """Exact E_p[R(y)] and its exact gradient with respect to the policy's parameters, for a reward that is a fixed
+    function of the completion.
+
+    Args:
+        reward: maps completions ``tokens`` [M, L] long and their ``mask`` [M, L] (1 = a token, EOS included; as
+            ``enumerate_completions`` lays them out) to rewards [M] (any float dtype; taken as constants).
+        params: as in ``exact_kl_and_grad``.
+
+    Returns:
+        ``(expected_reward, grads)`` as ``exact_kl_and_grad`` returns the KL and its gradient.
+    """
+    prompt = _check_prompt(prompt_ids)
+
+    def reward_terms(lp: torch.Tensor, rows: torch.Tensor, rows_mask: torch.Tensor) -> torch.Tensor:
+        values = torch.as_tensor(reward(rows, rows_mask)).detach().to(torch.float64)
+        if values.shape != lp.shape:
+            raise ValueError(f"reward returned shape {tuple(values.shape)} for {lp.shape[0]} completions; expected [M].")
+        return values
+
+    return _expectation_and_grad(policy, prompt, reward_terms, max_new_tokens=max_new_tokens,
+                                 eos_token_id=eos_token_id, temperature=temperature,
+                                 max_completions=max_completions, params=params)  # fmt: skip
+
+
+def _expectation_and_grad(
+    policy: Model,
+    prompt: torch.Tensor,
+    values: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    *,
+    max_new_tokens: int,
+    eos_token_id: int | None,
+    temperature: float,
+    max_completions: int,
+    params: Mapping[str, torch.Tensor] | Iterable[torch.Tensor] | None,
+) -> tuple[float, dict[str, torch.Tensor]]:
+    """sum_y p_theta(y) f(y) and its gradient by autograd through the finite sum, batch by batch of completions;
+    ``values(lp, rows, rows_mask)`` gives f [M] from the completions' log-probs lp (with gradient: f may depend on
+    theta, as log p - log q does)."""
+    _check_temperature(temperature)
     _check_max_new_tokens(max_new_tokens)
     named = _named_params(policy, params)
     tensors = list(named.values())
     grads = [torch.zeros_like(p) for p in tensors]
-    kl, total_prob = 0.0, 0.0
-    with eval_mode(policy, reference):
-        vocab = _vocab_size(policy, reference, prompt)
+    total, total_prob = 0.0, 0.0
+    with eval_mode(policy):
+        vocab = _vocab_size(policy, policy, prompt)
         tokens, mask = enumerate_completions(vocab, max_new_tokens, eos_token_id, max_completions=max_completions)
         for s in range(0, tokens.shape[0], _BATCH_ROWS):
             rows, rows_mask = tokens[s : s + _BATCH_ROWS], mask[s : s + _BATCH_ROWS]
-            with torch.no_grad():
-                lq = _seq_logprob(_completion_logits(reference, prompt, rows).cpu(), rows, rows_mask, temperature)
             with torch.enable_grad():
                 lp = _seq_logprob(_completion_logits(policy, prompt, rows).cpu(), rows, rows_mask, temperature)
                 prob = lp.exp()
-                term = torch.where(prob > 0, prob * (lp - lq), torch.zeros_like(lp)).sum()
+                term = torch.where(prob > 0, prob * values(lp, rows, rows_mask), torch.zeros_like(lp)).sum()
                 parts = torch.autograd.grad(term, tensors, allow_unused=True)
             for g, part in zip(grads, parts, strict=True):
                 if part is not None:
                     g += part
-            kl += float(term.detach())
+            total += float(term.detach())
             total_prob += float(prob.detach().sum())
     _check_prob_sum(torch.tensor(total_prob))
-    return kl, dict(zip(named, grads, strict=True))
+    return total, dict(zip(named, grads, strict=True))
 

@@ -1030,9 +1030,10 @@ def _reverse_cumsum(x: torch.Tensor) -> torch.Tensor:
 
 
 def prefix_importance_weights(
-    log_ratio: torch.Tensor, mask: torch.Tensor, *, cap: float | None = None
+    log_ratio: torch.Tensor, mask: torch.Tensor, *, cap: float | None = None, inclusive: bool = False
 ) -> torch.Tensor:
-    """W_{<t} = prod_{s<t} p(y_s) / p_old(y_s): the importance weight of each position's prefix, [B, T] -> [B, T].
+    """W_{<t} = prod_{s<t} p(y_s) / p_old(y_s): the importance weight of each position's prefix, [B, T] -> [B, T]
+    (with ``inclusive``, W_{<=t}: the prefix up to and including token t).
 
     Computed in log space (a cumulative sum of log ratios, exponentiated once), so the only overflow is of the weight
     itself: over 512 tokens a mean log ratio of 0.2 already gives W = exp(102), beyond float32.
@@ -1052,7 +1053,7 @@ def prefix_importance_weights(
     """
     keep = mask.bool() & ~torch.isnan(log_ratio)
     masked = torch.where(keep, log_ratio, torch.zeros((), dtype=log_ratio.dtype, device=log_ratio.device))
-    log_weights = masked.cumsum(-1) - masked
+    log_weights = masked.cumsum(-1) if inclusive else masked.cumsum(-1) - masked
     if cap is not None:
         if not cap > 0:
             raise ValueError(f"cap={cap!r}: an importance-weight cap must be positive (or None for no cap).")

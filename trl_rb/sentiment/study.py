@@ -13,8 +13,8 @@ CONFIG is a sweep YAML (see ``trl_rb.sentiment.sweep``) with one more section:
 One command does everything, resumably: (1) the sweep (finished runs skipped; the noise runs also save their model
 every quarter of their steps); (2) for each noise run and each of its checkpoints at a quarter, half and all of its
 steps (at step 0, the reference itself, every estimator's KL term and its gradient are exactly 0, so all methods
-give one gradient) and each of its arm's methods, the gradient of the loss on ``noise_batches`` batches at learning rate 0, same batches and
-completions for every method (``{output_dir}/noise/*.json``); (3) the report: ``study.md``, ``study.json``,
+give one gradient) and each of its arm's methods, the gradient of the loss on ``noise_batches`` batches at learning
+rate 0 (after ``NOISE_WARMUP`` unrecorded ones), same batches and completions for every method (``{output_dir}/noise/*.json``); (3) the report: ``study.md``, ``study.json``,
 ``study_pareto.png`` and ``study_reward_vs_step.png`` in ``output_dir``. The statistics are in ``study_report``.
 """
 
@@ -127,12 +127,19 @@ def _checkpoints(config: StudyConfig, run: NoiseRun) -> list[tuple[int, str]]:
             (config.max_steps, str(folder))]  # fmt: skip
 
 
+NOISE_WARMUP = 4
+"""Batches trained on (learning rate 0) before the gradient noise is recorded, by every method alike: the online fit
+of RB's gamma starts at MC and learns from earlier batches, as it would have during the run (its state is not
+checkpointed)."""
+
+
 def measure_gradient_noise(argv: list[str], model: str, reference: str, batches: int) -> dict[str, Any]:
     """Per-batch gradients of one configuration's loss at ``model`` (learning rate 0, no clipping).
 
     ``argv`` is a run's rloo_sentiment.py command line (its seed fixes the prompt order and the sampling, so every
-    method sees the same batches and completions). Returns the ``batches`` x P gradient matrix (float64 tensor,
-    P = number of trainable parameters) under ``grads`` and the logged training rewards under ``rewards``.
+    method sees the same batches and completions). The first ``NOISE_WARMUP`` batches are run but not recorded.
+    Returns the ``batches`` x P gradient matrix (float64 tensor, P = number of trainable parameters) under ``grads``
+    and the logged training rewards under ``rewards``.
     """
     import torch
     from datasets import Dataset
@@ -152,7 +159,7 @@ def measure_gradient_noise(argv: list[str], model: str, reference: str, batches:
                 rewards.append(float(logs["reward"]))
 
     with tempfile.TemporaryDirectory(prefix="trl-rb-noise-") as tmp:
-        overrides = ["--learning_rate", "0", "--max_steps", str(batches), "--max_grad_norm", "0",
+        overrides = ["--learning_rate", "0", "--max_steps", str(NOISE_WARMUP + batches), "--max_grad_norm", "0",
                      "--output_dir", tmp, "--save_strategy", "no", "--logging_steps", "1", "--disable_tqdm", "true"]  # fmt: skip
         script_args, train_config, trainer_cls = parse_args([*argv, *overrides])
         _, tokenizer = _resolve_model(script_args)
@@ -163,9 +170,9 @@ def measure_gradient_noise(argv: list[str], model: str, reference: str, batches:
             processing_class=tokenizer, callbacks=[RecordGradient()],
         )  # fmt: skip
         trainer.train()
-    if len(grads) != batches:
-        raise RuntimeError(f"expected {batches} optimizer steps, recorded {len(grads)}")
-    return {"grads": torch.stack(grads), "rewards": rewards}
+    if len(grads) != NOISE_WARMUP + batches:
+        raise RuntimeError(f"expected {NOISE_WARMUP + batches} optimizer steps, recorded {len(grads)}")
+    return {"grads": torch.stack(grads[NOISE_WARMUP:]), "rewards": rewards[-batches:]}
 
 
 def _resampled_variance(g: Any, counts: Any) -> Any:

@@ -56,6 +56,7 @@ from trl.trainer import grpo_trainer as trl_grpo_trainer
 from ..kl import canonical_estimator, future_sum
 from .capture import REF_HIDDEN_KEY, HiddenCaptureMixin, ScoredCall
 from .fused_head import fused_loss_head, loss_head_for, weighted_sum
+from .gamma import GAMMA_HELP, GAMMA_KEY, GammaFit, check_gamma_settings, gamma_metrics, score_norm_proxy
 from .metrics import log_sequence_metrics, masked_sequence_sum
 from .off_policy import (
     DEFAULT_PREFIX_WEIGHT_CAP,
@@ -105,7 +106,9 @@ class GRPOConfig(trl.GRPOConfig):
               `scale_rewards`.
             - `"rb"`: each completion token t adds beta * [K_t + (l_t - sg l_t) * sg(sum_{m>t} K_m)] to its loss,
               where K_t is the exact KL of the two next-token distributions (at `temperature`) and l_t the policy's
-              log-prob of the sampled token: an unbiased Rao-Blackwellized gradient. The constant it estimates
+              log-prob of the sampled token: an unbiased Rao-Blackwellized gradient; plus the control variate
+              gamma * [(l_t - sg l_t) * sg(d) - K_t] with d = sum_m r_m - sum_m K_m (mean 0, see `rb_gamma`), which
+              lets the KL term cancel the part of the reward's noise that follows log p/q. The constant it estimates
               depends on `loss_type`: beta / `max_completion_length` * grad KL for `dr_grpo` (exact, unbiased),
               beta * grad KL for `luspo`; `bnpo`, `dapo`, `cispo`, `vespo` divide by the batch's token count, so they
               estimate beta * grad KL / E[completion length] consistently (a ratio estimator: not unbiased for a finite
@@ -123,6 +126,14 @@ class GRPOConfig(trl.GRPOConfig):
             Whether `k1` and `k3` runs also log `kl/rb` (the exact per-token KL summed per sequence). It costs two
             LM-head products per loss batch; `rb` runs always log it (they compute it anyway). Where the heads cannot
             give it (no linear LM head), it is skipped with one warning.
+        rb_gamma (`float` or `None`, *optional*, defaults to `None`):
+            Coefficient of the control variate gamma * (sum_n grad K_n - (sum_n r_n - sum_n K_n) * S) that `"rb"` adds
+            to its gradient (S the completion's score; unbiased for any gamma fixed before the batch is drawn, see
+            `trl_rb.trainers.gamma`). `None`: fitted online, the ||S||^2-weighted least-squares slope of the advantage
+            on sum r - sum K over earlier generation batches (an exponential moving average; MC's gamma = beta until
+            there are statistics). A number fixes it: 0 is the plain RB gradient, `beta` is MC.
+        rb_gamma_decay (`float`, *optional*, defaults to `0.9`):
+            Weight of the earlier batches' statistics at each update of the online fit (0: the last batch only).
         rb_prefix_weight_cap (`float` or `None`, *optional*, defaults to `3.0`):
             Upper bound C on the prefix importance weights W_{<t} of the `rb` terms on batches the current policy did
             not sample (reused batches, vLLM with the correction): min(W, C), truncated importance sampling as in
@@ -151,6 +162,11 @@ class GRPOConfig(trl.GRPOConfig):
         metadata={"help": "Whether k1/k3 runs also log kl/rb (costs two LM-head products per loss batch)."},
     )
     rb_prefix_weight_cap: float | None = field(default=DEFAULT_PREFIX_WEIGHT_CAP, metadata={"help": PREFIX_WEIGHT_CAP_HELP})
+    rb_gamma: float | None = field(default=None, metadata={"help": GAMMA_HELP})
+    rb_gamma_decay: float = field(
+        default=0.9,
+        metadata={"help": "Weight of earlier generation batches' statistics in the online fit of rb_gamma (0: last only)."},
+    )
     use_bias_correction_kl: bool | None = field(
         default=None,
         metadata={
@@ -163,6 +179,7 @@ class GRPOConfig(trl.GRPOConfig):
     def __post_init__(self):
         self.kl_estimator = canonical_estimator(self.kl_estimator, allowed=GRPO_KL_ESTIMATORS)
         check_prefix_weight_cap(self.rb_prefix_weight_cap)
+        check_gamma_settings(self.rb_gamma, self.rb_gamma_decay)
         if self.use_bias_correction_kl is None:
             self.use_bias_correction_kl = self.kl_estimator == "k3"
         elif self.use_bias_correction_kl and self.kl_estimator != "k3":
@@ -294,6 +311,10 @@ class GRPOTrainer(HiddenCaptureMixin, trl.GRPOTrainer):
             check_rb_generation_config_of(self, estimator)
         self._rb_policy_adapter = trained_adapter(self)  # named now: trl's reference forward switches adapters
         self._rb_metric = logs_rb_metric(self, estimator)
+        gamma = getattr(self.args, "rb_gamma", None)
+        # the online fit starts at MC (gamma = beta), trl's own estimator, until earlier batches give a slope
+        self._gamma_fit = GammaFit(prior=self.beta, decay=getattr(self.args, "rb_gamma_decay", 0.9), beta=self.beta)
+        self._fixed_gamma = None if gamma is None else float(gamma)
 
     # ---------------------------------------------------------------------------------------------------------------
     # Scoring: carry the reference's completion hidden states; k1 goes into the advantages.
@@ -305,12 +326,30 @@ class GRPOTrainer(HiddenCaptureMixin, trl.GRPOTrainer):
         with self._rb_recording() as calls:
             output = super()._generate_and_score_completions(inputs)
         ref_call = self._reference_call(calls)
+        if self.kl_estimator == "rb":  # fixed before the batch is drawn: it never depends on the batch's samples
+            gamma = self._gamma_for_batch(training=self.model.training)
+            output[GAMMA_KEY] = torch.full((output["completion_mask"].shape[0],), gamma, dtype=torch.float32,
+                                           device=output["completion_mask"].device)  # fmt: skip
         if self._rb_metric:
             # A contiguous copy: the slice would otherwise keep the prompt positions' hidden states alive.
             output[REF_HIDDEN_KEY] = ref_call.hidden.detach().contiguous()
         if self.kl_estimator == "k1":
             self._add_k1_penalty(output, calls[:-1], ref_call)
         return output
+
+    def _gamma_for_batch(self, *, training: bool) -> float:
+        """The fixed ``rb_gamma``, or the online fit: in training, the statistics of the micro-batches trained on since the
+        last generation batch (every process's) folded in first; in evaluation, the latest gamma."""
+        if self._fixed_gamma is not None:
+            return self._fixed_gamma
+        if not training:
+            return self._gamma_fit.current if self._gamma_fit.current is not None else self._gamma_fit.prior
+
+        def across_processes(sums: torch.Tensor) -> torch.Tensor:
+            device = self.accelerator.device
+            return self.accelerator.reduce(sums.to(device), reduction="sum").cpu()
+
+        return self._gamma_fit.next_gamma(across_processes)
 
     def _reference_call(self, calls: list[ScoredCall]) -> ScoredCall:
         # trl scores the reference last (after the optional old-policy scoring), with self.ref_model or, for PEFT,
@@ -378,7 +417,8 @@ class GRPOTrainer(HiddenCaptureMixin, trl.GRPOTrainer):
             # W_{<t} = p(y_<t) / p_sampler(y_<t), which keeps both halves of the gradient unbiased.
             sampler = self._sampler_logps(inputs)
             prefix = sampler_prefix_weights(self.args, logps, sampler, mask)
-            weights = beta * self._reduce_weights(mask, inputs, mode)
+            gamma = float(inputs[GAMMA_KEY][0]) if GAMMA_KEY in inputs else 0.0
+            weights = self._reduce_weights(mask, inputs, mode)
             if prefix is not None:
                 weights = weights * prefix
             if fused is not None and fused.token_kl is not None:  # K_t from trl's loss forward, with its log-probs
@@ -386,7 +426,16 @@ class GRPOTrainer(HiddenCaptureMixin, trl.GRPOTrainer):
             else:
                 kl_loss, kl_terms = self._weighted_token_kl(model, policy.hidden, inputs[REF_HIDDEN_KEY], weights)
             future = future_sum(kl_terms if prefix is None else prefix * kl_terms)
-            loss = loss + kl_loss + beta * self._reduce((logps - logps.detach()) * future, mask, inputs, mode)
+            score = logps - logps.detach()
+            # The gamma control variate: its K_t part joins the analytic term's coefficient (beta - gamma); its score
+            # part, gamma * (sum_t r_t - sum_t K_t) per completion times each token's score, is weighted by the whole
+            # completion's importance weight on batches another policy sampled.
+            loss = loss + (beta - gamma) * kl_loss + beta * self._reduce(score * future, mask, inputs, mode)
+            d = masked_sequence_sum(logps.detach() - inputs["ref_per_token_logps"] - kl_terms, mask)
+            if gamma != 0.0:
+                whole = 1.0 if prefix is None else sampler_prefix_weights(self.args, logps, sampler, mask, inclusive=True)[:, -1]
+                loss = loss + gamma * self._reduce(score * (whole * d).unsqueeze(1), mask, inputs, mode)
+            self._observe_gamma(inputs, d, kl_terms, logps, mask, gamma, mode)
         elif self._rb_metric:
             with torch.no_grad():
                 kl_terms = self._token_kl(model, policy.hidden, inputs[REF_HIDDEN_KEY], mask)
@@ -396,6 +445,18 @@ class GRPOTrainer(HiddenCaptureMixin, trl.GRPOTrainer):
             metrics["kl/rb"] = masked_sequence_sum(kl_terms.detach(), mask)
         log_sequence_metrics(self, mode, metrics)
         return loss
+
+    def _observe_gamma(self, inputs, d, kl_terms, logps, mask, gamma: float, mode: str) -> None:
+        """Log gamma and the variance-ratio estimate; in training, add the micro-batch to the online fit (used from the
+        next generation batch on). The coefficient of S without the gamma term is approximated per completion by
+        y = A - beta sum_t K_t (trl's advantage, and the RB penalty in its sequence form)."""
+        y = inputs["advantages"].detach().double() - self.beta * masked_sequence_sum(kl_terms.detach(), mask).double()
+        w = score_norm_proxy(logps, mask)
+        everyone = self.accelerator.gather(torch.stack([y, d.double(), w.double()], dim=1))
+        for key, value in gamma_metrics(gamma, self.beta, *everyone.unbind(1)).items():
+            self._metrics[mode][key].append(value)
+        if mode == "train" and self._fixed_gamma is None:
+            self._gamma_fit.add(y, d, w)
 
     def _sampler_logps(self, inputs: dict[str, Any]) -> torch.Tensor | None:
         """[B, C] per-token log-probs of the policy that sampled the batch, or None when that is the current one.

@@ -36,9 +36,10 @@ def check_prefix_weight_cap(cap: Any) -> None:
 
 
 def sampler_prefix_weights(
-    args: Any, logps: torch.Tensor, sampler_logps: torch.Tensor | None, mask: torch.Tensor
+    args: Any, logps: torch.Tensor, sampler_logps: torch.Tensor | None, mask: torch.Tensor, *, inclusive: bool = False
 ) -> torch.Tensor | None:
-    """[B, C] prefix weights W_{<t} (constants) of a batch sampled by ``sampler_logps``' policy, or None on-policy.
+    """[B, C] prefix weights W_{<t} (constants) of a batch sampled by ``sampler_logps``' policy, or None on-policy;
+    with ``inclusive``, W_{<=t} (the last column is then the whole completion's weight).
 
     Args:
         args: the trainer's config; ``rb_prefix_weight_cap`` is read from it (a plain trl config gets the default).
@@ -52,7 +53,7 @@ def sampler_prefix_weights(
     if sampler_logps is None:
         return None
     cap = getattr(args, "rb_prefix_weight_cap", DEFAULT_PREFIX_WEIGHT_CAP)
-    weights = prefix_importance_weights(logps.detach() - sampler_logps, mask, cap=cap)
+    weights = prefix_importance_weights(logps.detach() - sampler_logps, mask, cap=cap, inclusive=inclusive)
     if not torch.isfinite(weights).all():
         largest = (logps.detach() - sampler_logps).masked_fill(~mask.bool(), 0).nan_to_num(0.0).cumsum(-1).max()
         raise ValueError(

@@ -6,13 +6,16 @@
 - Scoring. trl computes the policy's per-token log-probs, then the reference's, with
   ``_get_per_token_logps_and_entropies``, and penalizes each reward with beta * sum_n (old_n - ref_n). While trl
   scores, both calls also record the last hidden states of the completion positions (a forward hook; no extra
-  forward). The reference call then returns ``old - K`` (``rb``) or ``old - k3(old - ref)`` (``k3``) instead of its
-  log-probs, so that trl's own code puts beta * sum_n K_n (resp. the k3 sum) in the reward, gathers it across
-  processes and takes its leave-one-out baseline. K_n = KL(p_n || q_n) comes from ``linear_token_kl`` on the hidden
-  states and LM heads, at the sampling temperature: no [B, T, V] logits.
-- Loss (``rb``). The detached penalty gives the score-function half of the RB gradient only; the loss also gets
-  beta * mean_over_sequences(sum_n K_n) with gradient through the policy (hidden states and LM-head weight), averaged
-  like trl's per-sequence loss. K_n there uses the policy's hidden states from trl's own loss forward and the
+  forward). The reference call then returns ``old - (a r + (1 - a) K)`` (``rb``, a = gamma / beta, see
+  ``gamma``) or ``old - k3(old - ref)`` (``k3``) instead of its log-probs, so that trl's own code puts
+  gamma * sum_n r_n + (beta - gamma) * sum_n K_n (resp. beta times the k3 sum) in the reward, gathers it across
+  processes and takes its leave-one-out baseline. gamma is fixed before the batch is scored (``rb_gamma``, or the
+  online fit over earlier batches), travels with the batch (``gamma.GAMMA_KEY``), and the batch then joins the fit.
+  K_n = KL(p_n || q_n) comes from ``linear_token_kl`` on the hidden states and LM heads, at the sampling
+  temperature: no [B, T, V] logits.
+- Loss (``rb``). The detached penalty gives the score-function half of the gradient only; the loss also gets
+  (beta - gamma) * mean_over_sequences(sum_n K_n) with gradient through the policy (hidden states and LM-head
+  weight), averaged like trl's per-sequence loss. K_n there uses the policy's hidden states from trl's own loss forward and the
   reference's completion hidden states carried from scoring in the batch dict.
 
 Cost. Forward passes are trl's in every mode: per generation batch the policy runs once without gradients for
@@ -38,6 +41,15 @@ from accelerate.utils import is_peft_model
 from ..kl import canonical_estimator, future_sum
 from .capture import REF_HIDDEN_KEY, HiddenCaptureMixin, ScoredCall
 from .fused_head import fused_loss_head, loss_head_for, weighted_sum
+from .gamma import (
+    GAMMA_HELP,
+    GAMMA_KEY,
+    GammaFit,
+    check_gamma_settings,
+    gamma_metrics,
+    leave_one_out_centred,
+    score_norm_proxy,
+)
 from .metrics import log_sequence_metrics, masked_sequence_sum
 from .off_policy import (
     DEFAULT_PREFIX_WEIGHT_CAP,
@@ -82,9 +94,11 @@ class RLOOConfig(trl.RLOOConfig):
             `"k1"` (alias `"mc"`): sum of the sampled log ratios, trl's behaviour; `"k3"`: sum of
             exp(-r) - 1 + r per token (Schulman's estimator, >= 0); `"rb"` (alias `"full"`): sum of the exact KL of
             the next-token distributions at every step (Rao-Blackwellized: unbiased, >= 0, and in practice far
-            lower variance than `"k1"`, though not provably so for a whole sequence). With `"rb"` the loss also
-            gets `beta` times the mean per-sequence RB KL with gradient through the policy, which makes the total
-            gradient the unbiased RB gradient of E[reward] - beta * KL.
+            lower variance than `"k1"`, though not provably so for a whole sequence). With `"rb"` the penalty is
+            gamma * sum r + (beta - gamma) * sum K (`rb_gamma`: fitted online by default; 0 gives the plain RB
+            penalty) and the loss also gets (beta - gamma) times the mean per-sequence RB KL with gradient through
+            the policy, which makes the total gradient an unbiased gradient of E[reward] - beta * KL for any gamma
+            fixed before the batch: the logged `kl/rb` is the plain RB value whatever gamma.
             Case-insensitive. `"rb"` needs untruncated sampling at `temperature` (any generation setting that
             changes the next-token distribution is refused, see `trl_rb.trainers.sampling`). Batches reused after an
             optimizer step (`num_iterations > 1`, `steps_per_generation > gradient_accumulation_steps`) get
@@ -93,6 +107,14 @@ class RLOOConfig(trl.RLOOConfig):
             sg(sum_{m>n} W_{<m} (K_m - K_m^old)) replaces the sampling policy's K in trl's ratio-weighted penalty by
             the current one: unbiased at unclipped ratios (trl's clipping of the sequence ratio, `epsilon`, biases the
             penalty's half as it biases the reward's) and uncapped weights (see `rb_prefix_weight_cap`).
+        rb_gamma (`float` or `None`, *optional*, defaults to `None`):
+            Coefficient of the control variate gamma * (sum_n grad K_n - (sum_n r_n - sum_n K_n) * S) that `"rb"` adds
+            to its gradient (S the completion's score; unbiased for any gamma fixed before the batch is drawn, see
+            `trl_rb.trainers.gamma`). `None`: fitted online, the ||S||^2-weighted least-squares slope of the advantage
+            on sum r - sum K over earlier generation batches (an exponential moving average; MC's gamma = beta until
+            there are statistics). A number fixes it: 0 is the plain RB gradient, `beta` is MC.
+        rb_gamma_decay (`float`, *optional*, defaults to `0.9`):
+            Weight of the earlier batches' statistics at each update of the online fit (0: the last batch only).
         rb_prefix_weight_cap (`float` or `None`, *optional*, defaults to `3.0`):
             Upper bound C on the prefix importance weights W_{<n} of the RB terms on reused batches: min(W, C),
             truncated importance sampling as in trl's vLLM correction (same default). It keeps the step finite (an
@@ -121,6 +143,11 @@ class RLOOConfig(trl.RLOOConfig):
         metadata={"help": "Whether k1/k3 runs also log kl/rb (costs two LM-head products per generation batch)."},
     )
     rb_prefix_weight_cap: float | None = field(default=DEFAULT_PREFIX_WEIGHT_CAP, metadata={"help": PREFIX_WEIGHT_CAP_HELP})
+    rb_gamma: float | None = field(default=None, metadata={"help": GAMMA_HELP})
+    rb_gamma_decay: float = field(
+        default=0.9,
+        metadata={"help": "Weight of earlier generation batches' statistics in the online fit of rb_gamma (0: last only)."},
+    )
     stepwise: bool | None = field(
         default=None,
         metadata={
@@ -144,6 +171,7 @@ class RLOOConfig(trl.RLOOConfig):
             )
         self.kl_estimator = explicit or implied or "rb"
         check_prefix_weight_cap(self.rb_prefix_weight_cap)
+        check_gamma_settings(self.rb_gamma, self.rb_gamma_decay)
         super().__post_init__()
 
 
@@ -212,6 +240,7 @@ class RLOOTrainer(HiddenCaptureMixin, trl.RLOOTrainer):
         self._rb_pending: dict[str, torch.Tensor] | None = None
         self._rb_scorable: torch.Tensor | None = None
         self._rb_token_kl: torch.Tensor | None = None
+        self._rb_score_gamma = 0.0  # the gamma of the batch being scored (rb)
         # batches trained on after an optimizer step, i.e. sampled by an earlier policy
         self._reuses_batches = args.num_iterations > 1 or (
             (args.steps_per_generation or args.gradient_accumulation_steps) > args.gradient_accumulation_steps
@@ -248,6 +277,10 @@ class RLOOTrainer(HiddenCaptureMixin, trl.RLOOTrainer):
             check_rb_generation_config_of(self, self.kl_estimator)
         self._rb_policy_adapter = trained_adapter(self)  # named now: trl's reference forward switches adapters
         self._rb_metric = logs_rb_metric(self, self.kl_estimator)
+        gamma = getattr(args, "rb_gamma", None)
+        # the online fit starts at MC (gamma = beta), trl's own estimator, until earlier batches give a slope
+        self._gamma_fit = GammaFit(prior=self.beta, decay=getattr(args, "rb_gamma_decay", 0.9), beta=self.beta)
+        self._fixed_gamma = None if gamma is None else float(gamma)
 
     # ---------------------------------------------------------------------------------------------------------------
     # Scoring: the reference call's log-probs become old - (per-token estimate), so trl's penalty is the estimate.
@@ -257,6 +290,8 @@ class RLOOTrainer(HiddenCaptureMixin, trl.RLOOTrainer):
         if self.beta == 0.0:
             return super()._generate_and_score_completions(inputs)
         self._rb_phase, self._rb_pending, self._rb_scorable = "score", None, None
+        if self.kl_estimator == "rb":  # fixed before the batch is drawn: it never depends on the batch's samples
+            self._rb_score_gamma = self._fixed_gamma if self._fixed_gamma is not None else self._gamma_fit.next_gamma()
         try:
             with self._rb_recording() as calls:
                 output = super()._generate_and_score_completions(inputs)
@@ -281,7 +316,30 @@ class RLOOTrainer(HiddenCaptureMixin, trl.RLOOTrainer):
             n = output["completion_mask"].shape[0]
             start = self.accelerator.process_index * n
             output[SCORABLE_KEY] = scorable[start : start + n].to(output["completion_mask"].dtype)
+            self._fit_gamma(output, calls, scorable, mode)
         return output
+
+    def _fit_gamma(self, output: dict[str, Any], calls: list[ScoredCall], scorable: torch.Tensor, mode: str) -> None:
+        """Carry the batch's gamma in ``output``; log it; in training, add the batch to the online fit.
+
+        trl's advantage is A = LOO(R - beta sum K - gamma d) (leave-one-out within each prompt's group), so the
+        coefficient of S without the gamma term is y = A + gamma LOO(d), regressed on LOO(d), weighted by the
+        ||S||^2 proxy; unscorable completions (no reward, advantage 0) weigh nothing."""
+        gamma = self._rb_score_gamma
+        mask = output["completion_mask"]
+        r = (calls[0].logps - calls[1].logps).float()
+        d_local = masked_sequence_sum(r - self._rb_token_kl.float(), mask)
+        local = torch.stack([d_local, score_norm_proxy(calls[0].logps, mask), output["advantages"].float()], dim=1)
+        d, w, advantages = self.accelerator.gather(local).unbind(1)
+        group = self.num_generations if mode == "train" else self.num_generations_eval
+        d_loo = leave_one_out_centred(d, group)
+        y = advantages + gamma * d_loo
+        w = w * scorable.to(w.dtype)
+        for key, value in gamma_metrics(gamma, self.beta, y, d_loo, w).items():
+            self._metrics[mode][key].append(value)
+        if mode == "train" and self._fixed_gamma is None:
+            self._gamma_fit.add(y, d_loo, w)
+        output[GAMMA_KEY] = torch.full((mask.shape[0],), gamma, dtype=torch.float32, device=mask.device)
 
     def _calculate_rewards(self, *args, **kwargs):
         rewards_per_func = super()._calculate_rewards(*args, **kwargs)  # [all processes' B, reward functions]
@@ -312,7 +370,9 @@ class RLOOTrainer(HiddenCaptureMixin, trl.RLOOTrainer):
             self._rb_pending["kl/rb"] = masked_sequence_sum(k, mask)
             self._rb_token_kl = k
         if self.kl_estimator == "rb":
-            per_token = k.to(logps.dtype)
+            # the gamma family: penalty gamma * r_n + (beta - gamma) * K_n per token, per unit of beta
+            alpha = self._rb_score_gamma / self.beta
+            per_token = (alpha * r + (1.0 - alpha) * k).to(logps.dtype)
         elif self.kl_estimator == "k3":
             per_token = k3_per_token(r)
         else:
@@ -356,10 +416,12 @@ class RLOOTrainer(HiddenCaptureMixin, trl.RLOOTrainer):
         if len(calls) != 1:
             raise RuntimeError(f"Expected one policy forward in trl's loss, saw {len(calls)}.")
         mask = inputs["completion_mask"]
+        gamma = float(inputs[GAMMA_KEY][0]) if GAMMA_KEY in inputs else 0.0
         # trl's policy-gradient loss is per_sequence_loss.mean(): the same mean over this batch's sequences, so each
-        # real token's K_n has weight beta / B (0 in completions no reward function scored, see scoring).
+        # real token's K_n has weight (beta - gamma) / B (0 in completions no reward function scored, see scoring):
+        # trl's reward holds gamma * r_n + (beta - gamma) * K_n, and only K_n's analytic gradient is missing.
         scorable = inputs[SCORABLE_KEY].to(torch.float32).unsqueeze(1)
-        weights = mask.to(torch.float32) * scorable * (self.beta / mask.shape[0])
+        weights = mask.to(torch.float32) * scorable / mask.shape[0]
         logps = calls[0].logps  # l_n with gradient, from trl's own loss forward
         old = inputs.get(OLD_TOKEN_LOGPS_KEY)
         # A batch sampled by an earlier policy (num_iterations > 1, steps_per_generation > accumulation): the prefixes
@@ -378,11 +440,17 @@ class RLOOTrainer(HiddenCaptureMixin, trl.RLOOTrainer):
                 temperature=self.temperature,
                 return_token_kl=True,
             )
-        loss = loss + kl_term.to(loss.dtype)
+        loss = loss + ((self.beta - gamma) * kl_term).to(loss.dtype)
         if prefix is None:
             return loss
-        # trl's ratio-weighted penalty differentiates the sampling policy's K_n (scored then); the score-function half
-        # needs the current one: add sum_n (l_n - sg l_n) * sg(sum_{m>n} W_{<m} (K_m - K_m^old)), 0 at ratio 1.
-        stale = future_sum(prefix * (kl_now - inputs[OLD_TOKEN_KL_KEY]))
+        # trl's ratio-weighted penalty differentiates the sampling policy's r_n and K_n (scored then); the
+        # score-function half needs the current ones: add sum_n (l_n - sg l_n) * sg(stale_n), 0 at ratio 1, with
+        # stale_n = (beta - gamma) sum_{m>n} W_{<m} (K_m - K_m^old) + gamma sum_{m>=n} W_{<=m} (r_m - r_m^old)
+        # (K_m depends on the tokens before m, r_m on those up to m; r_m - r_m^old = l_m - l_m^old).
+        stale = (self.beta - gamma) * future_sum(prefix * (kl_now - inputs[OLD_TOKEN_KL_KEY]))
+        if gamma != 0.0:
+            drift = torch.where(mask.bool(), logps.detach() - old, torch.zeros((), dtype=old.dtype, device=old.device))
+            through = sampler_prefix_weights(self.args, logps, old, mask, inclusive=True) * drift
+            stale = stale + gamma * (future_sum(through) + through)
         correction = (weights * (logps - logps.detach()) * stale).sum()
         return loss + correction.to(loss.dtype)
