@@ -71,6 +71,7 @@ def build_trainer(opts: argparse.Namespace):
         num_generations=4,
         beta=0.2,
         kl_estimator=opts.estimator,
+        rb_gamma=opts.rb_gamma,
     )
     if opts.trainer == "grpo":
         config_cls, trainer_cls = trl_rb.GRPOConfig, trl_rb.GRPOTrainer
@@ -101,6 +102,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-2)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rb-gamma", type=float, default=None, help="rb: a fixed gamma (default: the online fit)")
     parser.add_argument("--separate-kl", action="store_true", help="rb: K_n after trl's loss forward, no fused head")
     opts = parser.parse_args()
     torch.set_num_threads(1)

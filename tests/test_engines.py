@@ -91,8 +91,10 @@ def test_fused_head_matches_the_separate_pass_under_ddp(model_dir, tmp_path, tra
     one that wrote the test), so its absolute tolerance is 1e-6."""
     (tmp_path / "fused").mkdir()
     (tmp_path / "separate").mkdir()
-    fused = run_engine(model_dir, tmp_path / "fused", "ddp", trainer, "rb")
-    separate = run_engine(model_dir, tmp_path / "separate", "ddp", trainer, "rb", "--separate-kl")
+    # gamma fixed: the online fit's slope amplifies the two kernels' float32 rounding in d while d is still small
+    # (RLOO loss 1.6e-4 apart at step 3 with the fit); the engine comparisons keep the fit, the kernels are the same
+    fused = run_engine(model_dir, tmp_path / "fused", "ddp", trainer, "rb", "--rb-gamma", "0")
+    separate = run_engine(model_dir, tmp_path / "separate", "ddp", trainer, "rb", "--separate-kl", "--rb-gamma", "0")
     assert_same_steps(separate, fused, abs_tol={"kl/k1": 2e-6, "loss": 1e-6})
 
 

@@ -62,9 +62,11 @@ def test_fit_is_the_weighted_least_squares_slope():
     m = 0.5 * moments[0] + 0.5 * moments[1]
     slope = (m[3] / m[0] - m[1] * m[2] / m[0] ** 2) / (m[4] / m[0] - (m[2] / m[0]) ** 2)
     assert fit.current == pytest.approx(slope, rel=1e-10)
-    # d without spread (the policy at its reference): the prior; a wild slope: bounded at 100 beta
+    # d without spread beyond rounding (the policy at its reference): the prior; a wild slope: bounded at 100 beta
     flat = GammaFit(prior=0.1, decay=0.0, beta=0.1)
     flat.add(torch.tensor(y), torch.zeros(50, dtype=torch.float64), torch.tensor(w))
+    assert flat.next_gamma() == 0.1
+    flat.add(torch.tensor(y), torch.tensor(1e-7 * d), torch.tensor(w))  # rounding-level spread: still the prior
     assert flat.next_gamma() == 0.1
     wild = GammaFit(prior=0.1, decay=0.0, beta=0.1)
     wild.add(torch.tensor(1e6 * d), torch.tensor(d), torch.tensor(w))
@@ -238,3 +240,25 @@ def test_gamma_and_the_variance_estimate_are_logged(tmp_path, trainer_name):
     assert logs[-1]["kl/gamma"] != pytest.approx(BETA)  # fitted from the earlier batches
     assert all(math.isfinite(h["kl/var_ratio_vs_mc"]) and h["kl/var_ratio_vs_mc"] > 0 for h in logs[1:])
     assert all("kl/rb" in h and "kl/k1" in h for h in logs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trainer_name", ["rloo", "grpo"])
+def test_second_iteration_is_unbiased_with_a_fixed_gamma(tmp_path, trainer_name):
+    """num_iterations=2 at unclipped ratios and uncapped weights, reward 0, gamma = 5 beta: the importance-weighted
+    control variate keeps the stale batch's gradient at c * grad KL of the current policy (RLOO: its penalty's r_n and
+    K_n made current by score-function corrections; GRPO: the score part weighted by the completion's weight)."""
+    from test_grpo_unbiased import stale_batch_grads
+
+    config = dict(num_iterations=2, rb_prefix_weight_cap=None, rb_gamma=0.5)
+    if trainer_name == "grpo":
+        trainer, _, _ = make_grpo("rb", tmp_path, batch=BATCH, group=GROUP, max_len=MAX_LEN, beta=BETA, **config)
+        expected = BETA / MAX_LEN
+    else:
+        trainer = make_rloo("rb", tmp_path, epsilon=100.0, **config)
+        expected = BETA
+    grads, exact = stale_batch_grads(trainer, (), nb=2 * NB_MEAN)
+    study = compare(grads, exact, expected)
+    print(trainer_name, "off-policy gamma 0.5", study)
+    assert study["max_abs_z"] < Z_MAX, study
+    assert abs(study["c"] - expected) < Z_MAX * study["c_se"], study

@@ -40,8 +40,11 @@ GAMMA_KEY = "rb_gamma"
 splits carry it to every micro-batch)."""
 
 MAX_GAMMA_RATIO = 100.0
-"""|gamma| <= MAX_GAMMA_RATIO * beta: a bound on a fitted gamma while d barely varies (the policy still at its
-reference), where the slope is noise. The exact-enumeration optima reach 69 beta."""
+"""|gamma| <= MAX_GAMMA_RATIO * beta: a bound on a fitted gamma (the exact-enumeration optima reach 69 beta)."""
+
+MIN_D_VARIANCE = 1e-8
+"""The weighted variance of d (nats^2) below which the fit keeps the prior: d's spread is then float rounding (the
+policy at its reference: measured ~1e-7 nats per completion in float32), and a slope on it would be noise."""
 
 GAMMA_HELP = (
     "Coefficient gamma of the control variate gamma * (sum grad K - (sum r - sum K) * score) added to the RB "
@@ -92,7 +95,7 @@ class GammaFit:
 
     ``add`` accumulates samples of the batch in training; ``next_gamma`` folds them into the average (after the
     processes' sums are combined by ``reduce``) and returns the gamma for the next batch. Before any statistics, or
-    while d has no spread, gamma is ``prior`` (beta: MC, trl's own estimator).
+    while d's spread is below ``MIN_D_VARIANCE`` (rounding), gamma is ``prior`` (beta: MC, trl's own estimator).
 
     Attributes:
         prior: gamma without statistics. decay: weight of the earlier average at each fold (0: last batch only).
@@ -127,7 +130,7 @@ class GammaFit:
         w, wy, wd, wyd, wdd = (float(x) for x in self.moments)
         var_d = wdd / w - (wd / w) ** 2
         cov = wyd / w - (wy / w) * (wd / w)
-        if not var_d > 1e-12 * max(wdd / w, 1e-30) or not math.isfinite(cov / var_d):
+        if not var_d > MIN_D_VARIANCE or not math.isfinite(cov / var_d):
             return self.prior
         bound = MAX_GAMMA_RATIO * abs(self.beta)
         return float(min(max(cov / var_d, -bound), bound))

@@ -306,20 +306,23 @@ class RLOOTrainer(HiddenCaptureMixin, trl.RLOOTrainer):
         mode = "train" if self.model.training else "eval"
         log_sequence_metrics(self, mode, self._rb_pending)
         self._rb_pending = None
+        token_kl, self._rb_token_kl = self._rb_token_kl, None
         if self.kl_estimator == "rb":
             output[REF_HIDDEN_KEY] = calls[1].hidden.detach()
             if self._reuses_batches:  # what the sampling policy scored, for the importance-weighted RB terms
                 output[OLD_TOKEN_LOGPS_KEY] = calls[0].logps.detach()
-                output[OLD_TOKEN_KL_KEY], self._rb_token_kl = self._rb_token_kl, None
+                output[OLD_TOKEN_KL_KEY] = token_kl
             # trl zeroes the advantage of completions no reward function scored, so their KL penalty (in the
             # reward) never acts; the analytic half of the RB gradient skips them too, as the two halves must match.
             n = output["completion_mask"].shape[0]
             start = self.accelerator.process_index * n
             output[SCORABLE_KEY] = scorable[start : start + n].to(output["completion_mask"].dtype)
-            self._fit_gamma(output, calls, scorable, mode)
+            self._fit_gamma(output, calls, token_kl, scorable, mode)
         return output
 
-    def _fit_gamma(self, output: dict[str, Any], calls: list[ScoredCall], scorable: torch.Tensor, mode: str) -> None:
+    def _fit_gamma(
+        self, output: dict[str, Any], calls: list[ScoredCall], token_kl: torch.Tensor, scorable: torch.Tensor, mode: str
+    ) -> None:
         """Carry the batch's gamma in ``output``; log it; in training, add the batch to the online fit.
 
         trl's advantage is A = LOO(R - beta sum K - gamma d) (leave-one-out within each prompt's group), so the
@@ -328,7 +331,7 @@ class RLOOTrainer(HiddenCaptureMixin, trl.RLOOTrainer):
         gamma = self._rb_score_gamma
         mask = output["completion_mask"]
         r = (calls[0].logps - calls[1].logps).float()
-        d_local = masked_sequence_sum(r - self._rb_token_kl.float(), mask)
+        d_local = masked_sequence_sum(r - token_kl.float(), mask)
         local = torch.stack([d_local, score_norm_proxy(calls[0].logps, mask), output["advantages"].float()], dim=1)
         d, w, advantages = self.accelerator.gather(local).unbind(1)
         group = self.num_generations if mode == "train" else self.num_generations_eval
