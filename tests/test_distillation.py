@@ -126,9 +126,21 @@ def test_plain_trl_config_gets_trls_gradient_and_the_metrics(tmp_path):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_rb_loss_and_gradient_match_full_logit_surrogate(tmp_path, temperature):
-    trainer, _, teacher = make_distiller("rb", tmp_path, batch=32, temperature=temperature)
+def loo_baseline_by_loops(later: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """b[i, t] = mean of later[j, t] over the rows j != i with mask[j, t] (one prompt: one group); 0 if none."""
+    b = torch.zeros_like(later)
+    for i in range(later.shape[0]):
+        for t in range(later.shape[1]):
+            others = [float(later[j, t]) for j in range(later.shape[0]) if j != i and mask[j, t]]
+            b[i, t] = sum(others) / len(others) if others else 0.0
+    return b
+
+
+@pytest.mark.parametrize(("temperature", "loo"), [(1.0, True), (0.7, True), (1.0, False)])
+def test_rb_loss_and_gradient_match_full_logit_surrogate(tmp_path, temperature, loo):
+    """The trainer's loss and gradient on one batch against the surrogate built from full logits; every completion
+    shares the prompt, so with the leave-one-out baseline each row's baseline is the mean of the 31 others."""
+    trainer, _, teacher = make_distiller("rb", tmp_path, batch=32, temperature=temperature, rb_loo_baseline=loo)
     inputs = generation_batch(trainer, 32, seed=1)
     assert int(inputs["completion_mask"].sum()) < 32 * MAX_LEN  # some completions end early: masks matter
     params = [p for p in trainer.model.parameters() if p.requires_grad]
@@ -137,7 +149,10 @@ def test_rb_loss_and_gradient_match_full_logit_surrogate(tmp_path, temperature):
     # trl's kernels keep their softmax statistics in float32, even for these float64 models: float32 tolerances
 
     d, lt, lqt, mask = full_logit_terms(trainer, teacher, inputs, temperature)
-    surrogate = d + (lt - lt.detach()) * future_sum(d.detach())
+    later = future_sum(d.detach())
+    if loo:
+        later = later - loo_baseline_by_loops(later, mask)
+    surrogate = d + (lt - lt.detach()) * later
     expected_loss = torch.where(mask, surrogate, torch.zeros(())).sum() / (32 * MAX_LEN)
     expected = flat_grads(expected_loss, params, retain_graph=True)
     assert float(loss.detach()) == pytest.approx(float(expected_loss.detach()), rel=1e-6)
@@ -178,9 +193,9 @@ def test_pathwise_is_trls_loss(tmp_path):
 
 
 def distillation_gradient_study(
-    kl_gradient: str, tmp_path, nb: int = NB, temperature: float = 1.0
+    kl_gradient: str, tmp_path, nb: int = NB, temperature: float = 1.0, **config
 ) -> dict[str, float]:
-    trainer, student, teacher = make_distiller(kl_gradient, tmp_path, temperature=temperature)
+    trainer, student, teacher = make_distiller(kl_gradient, tmp_path, temperature=temperature, **config)
     named = [(n, p) for n, p in trainer.model.named_parameters() if p.requires_grad]
     _, grads = exact_kl_and_grad(student, teacher, [0], max_new_tokens=MAX_LEN, eos_token_id=EOS,
                                  temperature=temperature, params=dict(named))  # fmt: skip
@@ -195,10 +210,11 @@ def distillation_gradient_study(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_rb_mean_gradient_is_grad_kl_over_max_length(tmp_path, temperature):
-    study = distillation_gradient_study("rb", tmp_path, temperature=temperature)
-    print("rb", temperature, study)
+@pytest.mark.parametrize(("temperature", "loo"), [(1.0, True), (0.7, True), (1.0, False)])
+def test_rb_mean_gradient_is_grad_kl_over_max_length(tmp_path, temperature, loo):
+    """Unbiased with and without the leave-one-out baseline (all 64 completions share the prompt: 63 others)."""
+    study = distillation_gradient_study("rb", tmp_path, temperature=temperature, rb_loo_baseline=loo)
+    print("rb", temperature, loo, study)
     assert study["max_abs_z"] < 4.5, study
     assert abs(study["c"] - 1 / MAX_LEN) < 4.5 * study["c_se"], study
 
@@ -235,7 +251,7 @@ def test_rb_gradient_accumulation_splits_the_generation_batch_exactly(tmp_path):
     full batch's."""
     from trl.trainer.utils import split_tensor_dict
 
-    trainer, _, _ = make_distiller("rb", tmp_path, batch=16)
+    trainer, _, _ = make_distiller("rb", tmp_path, batch=16, rb_loo_baseline=False)  # halves of one group: see below
     inputs = generation_batch(trainer, 32, seed=3)
     params = [p for p in trainer.model.parameters() if p.requires_grad]
     whole = flat_grads(trainer.compute_loss(trainer.model, inputs), params)
@@ -246,3 +262,64 @@ def test_rb_gradient_accumulation_splits_the_generation_batch_exactly(tmp_path):
     # tolerance is float32's at the gradient's scale; a wrong normalization would be off by a factor of 2
     scale = float(whole.abs().max())
     torch.testing.assert_close(summed, whole, rtol=1e-5, atol=1e-5 * scale)
+
+
+PROMPTS = ["<bos>", "<bos> a", "<bos> b", "<bos> a b"]
+
+
+def test_num_generations_keeps_each_prompts_completions_in_one_micro_batch(tmp_path):
+    """num_generations=4, micro-batches of 8, 2 accumulation steps: the sampler draws every prompt 4 times in a row,
+    trl's shuffle-and-split (with trl-rb's whole-group shuffle) leaves each group whole in one micro-batch, so the
+    micro-batch gradients, leave-one-out baselines included, add up to the whole generation batch's gradient."""
+    from trl.trainer.utils import split_tensor_dict
+
+    from trl_rb.trainers.distillation import GROUP_KEY
+
+    trainer, _, _ = make_distiller("rb", tmp_path, batch=8, num_generations=4, gradient_accumulation_steps=2)
+    trainer.train_dataset = Dataset.from_dict({"prompt": PROMPTS * 16})
+    first = next(iter(trainer.get_train_dataloader()))
+    prompts = [row["prompt"] for row in first]
+    assert len(prompts) == 16 and all(len(set(prompts[i : i + 4])) == 1 for i in range(0, 16, 4))
+
+    trainer.model.train()
+    torch.manual_seed(5)
+    trainer._step, trainer._buffered_inputs = 0, None
+    trainer._prepare_inputs(first)
+    micro = trainer._buffered_inputs
+    assert [m["completion_ids"].shape[0] for m in micro] == [8, 8]
+    for m in micro:  # groups of 4 rows with one prompt each, none split between micro-batches
+        counts = torch.bincount(m[GROUP_KEY])
+        assert sorted(counts[counts > 0].tolist()) == [4, 4]
+        for g in m[GROUP_KEY].unique():
+            rows = m["prompt_ids"][m[GROUP_KEY] == g]
+            assert bool((rows == rows[0]).all())
+    whole = {k: (micro[0][k] if v.ndim == 0 else torch.cat([m[k] for m in micro])) for k, v in micro[0].items()}
+    whole[GROUP_KEY] = torch.cat([micro[0][GROUP_KEY], micro[1][GROUP_KEY] + 100])  # keep the groups apart
+    params = [p for p in trainer.model.parameters() if p.requires_grad]
+    summed = sum(flat_grads(trainer.compute_loss(trainer.model, m), params) for m in split_tensor_dict(whole, 2))
+    full = flat_grads(trainer.compute_loss(trainer.model, whole), params)
+    scale = float(full.abs().max())
+    torch.testing.assert_close(summed, full, rtol=1e-5, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize(
+    ("config", "match"),
+    [
+        ({"num_generations": 3}, "does not divide per_device_train_batch_size=8"),
+        ({"num_generations": 0}, "num_generations=0: use a positive integer"),
+    ],
+)
+def test_num_generations_refusals(tmp_path, config, match):
+    with pytest.raises(ValueError, match=match):
+        make_distiller("rb", tmp_path, batch=8, **config)
+
+
+def test_num_generations_refuses_an_iterable_dataset(tmp_path):
+    student, teacher = tiny_gpt2_pair(VOCAB, seed=0, **MODEL_KW)
+    args = DistillationConfig(output_dir=str(tmp_path), kl_gradient="rb", per_device_train_batch_size=8,
+                              num_generations=4, max_completion_length=MAX_LEN, use_cpu=True, bf16=False,
+                              report_to=[], max_steps=1)  # fmt: skip
+    stream = Dataset.from_dict({"prompt": PROMPTS * 4}).to_iterable_dataset()
+    with pytest.raises(ValueError, match="num_generations=4 needs a map-style train_dataset"):
+        DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=stream,
+                            processing_class=tiny_tokenizer())  # fmt: skip

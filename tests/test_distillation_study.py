@@ -43,15 +43,17 @@ def test_tiny_study_runs_resumes_and_plots(tmp_path):
             "--cache_dir", str(tmp_path / "cache"), "--no_progress", "--noise_batches", "3"]  # fmt: skip
     assert main(argv) == 0
     runs = sorted(p.name for p in (tmp_path / "study" / "runs").iterdir())
-    assert runs == ["pathwise-lr0.001-seed0.json", "rb-lr0.001-seed0.json"]
-    run = json.loads((tmp_path / "study" / "runs" / runs[1]).read_text())
+    assert runs == ["pathwise-lr0.001-seed0.json", "rb-loo-lr0.001-seed0.json", "rb-lr0.001-seed0.json"]
+    run = json.loads((tmp_path / "study" / "runs" / runs[2]).read_text())
     assert [p["step"] for p in run["curve"]] == [0, 1, 2] and run["curve"][0]["kl_rb"] > 0
     assert (tmp_path / "study" / "distillation_study.png").stat().st_size > 10_000
     summary = json.loads((tmp_path / "study" / "summary.json").read_text())
-    assert set(summary["0.001"]["methods"]) == {"pathwise", "rb"}
+    assert set(summary["0.001"]["methods"]) == {"pathwise", "rb", "rb-loo"}
+    assert "rb-loo_minus_pathwise_equal_steps" in summary["0.001"]
     noise = summary["gradient_noise"]
-    assert noise["batches"] == 3 and all(noise[g]["per_batch_variance_trace"] > 0 for g in ("pathwise", "rb"))
-    assert -1 <= noise["cosine_of_means"] <= 1
+    methods = ("pathwise", "rb", "rb-loo", "rb-groups")
+    assert noise["batches"] == 3 and all(noise[g]["per_batch_variance_trace"] > 0 for g in methods)
+    assert all(-1 <= noise[g]["cosine_to_pathwise"] <= 1 for g in methods)
     before = (tmp_path / "study" / "runs" / runs[0]).stat().st_mtime_ns
     assert main(argv) == 0  # resumed: finished runs are read, not rerun
     assert (tmp_path / "study" / "runs" / runs[0]).stat().st_mtime_ns == before

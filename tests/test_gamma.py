@@ -262,3 +262,29 @@ def test_second_iteration_is_unbiased_with_a_fixed_gamma(tmp_path, trainer_name)
     print(trainer_name, "off-policy gamma 0.5", study)
     assert study["max_abs_z"] < Z_MAX, study
     assert abs(study["c"] - expected) < Z_MAX * study["c_se"], study
+
+
+@pytest.mark.slow
+def test_grpo_control_variate_has_mean_zero_under_group_scaling(tmp_path):
+    """trl's default ``scale_rewards="group"`` divides each group's reward advantages by their standard deviation
+    (trl's self-normalized reward gradient, biased as in trl). The control variate is added outside the advantage,
+    so it still has mean 0: on the same completions, gamma = 5 beta minus gamma = 0 (the plain RB gradient, unbiased
+    for its KL part) averages to 0 in every coordinate, while each batch's difference is far from 0."""
+    diffs, norms = [], []
+    trainers = {g: make_grpo("rb", tmp_path / str(g), batch=BATCH, group=GROUP, max_len=MAX_LEN, beta=BETA,
+                             reward=_reward("corr"), scale_rewards="group", rb_gamma=g)[0]
+                for g in (0.0, 0.5)}  # fmt: skip
+    params = {g: [p for p in t.model.parameters() if p.requires_grad] for g, t in trainers.items()}
+    for b in range(NB_MEAN):
+        batches = {g: score_batch(t, BATCH, seed=SEED0 + b) for g, t in trainers.items()}
+        torch.testing.assert_close(batches[0.5]["advantages"], batches[0.0]["advantages"], rtol=0, atol=0)
+        grads = {g: flat_grad(t.compute_loss(t.model, batches[g]), params[g]) for g, t in trainers.items()}
+        diffs.append(grads[0.5] - grads[0.0])
+        norms.append(float(grads[0.0].norm()))
+    diff = torch.stack(diffs)
+    se = diff.std(0) / math.sqrt(NB_MEAN)
+    live = se > 0
+    z = diff.mean(0)[live] / se[live]
+    print("group scaling: max |z| of the control variate's mean", float(z.abs().max()), int(live.sum()))
+    assert int(live.sum()) > 500 and float(z.abs().max()) < Z_MAX
+    assert float(diff.norm(dim=1).mean()) > 0.1 * float(np.mean(norms))  # the term does change each batch's gradient

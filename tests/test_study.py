@@ -47,6 +47,11 @@ def _synthetic_runs(root, steps=80):
                 }))  # fmt: skip
                 curve = np.minimum(np.arange(steps) / 40, 1.0) * reward
                 rows = [{"step": s + 1, "reward": float(r), "kl/rb": kl} for s, r in enumerate(curve)]
+                if method == "RB":  # gamma 2 beta in the first half of the steps, beta (1 + seed / 10) in the second
+                    for row in rows:
+                        late = row["step"] > steps // 2
+                        row["kl/gamma"] = beta * (1 + seed / 10) if late else 2 * beta
+                        row["kl/var_ratio_vs_mc"] = 0.5 + seed / 10 if late else 9.0
                 rows.append({"step": steps, "train_runtime": 10.0})
                 (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
@@ -86,6 +91,14 @@ def test_report_recovers_known_differences(tmp_path):
     assert row["reward_mean"] == pytest.approx(np.mean(rewards)) and row["reward_sd"] == pytest.approx(np.std(rewards, ddof=1))
     for lv in part["levelling"]:
         assert abs(lv["last_rise"][0]) < 1e-9 and lv["total_rise"][0] > 0
+    # The gamma table: second half of the steps only, mean +- SE over seeds
+    assert [g["beta"] for g in part["gamma"]] == list(BETAS)
+    seed_mean, seed_se = np.mean(SEEDS) / 10, np.std(np.array(SEEDS) / 10, ddof=1) / math.sqrt(len(SEEDS))
+    for g in part["gamma"]:
+        assert g["gamma_over_beta"] == pytest.approx([1 + seed_mean, seed_se])
+        assert g["gamma"][0] == pytest.approx(g["beta"] * (1 + seed_mean))
+        assert g["logged_variance_ratio"] == pytest.approx([0.5 + seed_mean, seed_se])
+    assert "| γ / beta |" in (config.sweep.output_dir / "study.md").read_text()
     for name in ("study.md", "study.json"):
         assert (config.sweep.output_dir / name).stat().st_size > 0
     for name in ("study_pareto.png", "study_reward_vs_step.png"):

@@ -1,19 +1,21 @@
 """``trl-rb distill-study``: on-policy distillation of the review LM, trl's pathwise gradient against the RB gradient.
 
 Teacher: the review LM (2 layers, ``load_review_lm``). Student: the same model cut to its first block (1 layer, the
-teacher's embeddings, block 0, final norm and head; the layer-dropping initialization of distilled students). Both
-gradients train the student with ``trl_rb.DistillationTrainer`` on the review prompts (``kl_gradient="pathwise"``:
-trl's loss; ``"rb"``: the RB surrogate), same seeds, same steps, same learning rate. Every ``eval_every`` steps the
-sequence-level KL(student || teacher) on held-out test prompts is estimated with ``trl_rb.estimate_kl`` (the RB
-estimate, mean +- standard error over completions; fixed sampling seed), and the training wall time so far (evaluation
-excluded) is recorded.
+teacher's embeddings, block 0, final norm and head; the layer-dropping initialization of distilled students). Each
+method (``METHODS``) trains the student with ``trl_rb.DistillationTrainer`` on the review prompts, same seeds, same
+steps, same learning rate, ``batch_size`` completions per step: ``pathwise`` (trl's loss), ``rb`` (the RB surrogate,
+one completion per prompt), ``rb-loo`` (the RB surrogate with ``GROUP`` completions per prompt and the leave-one-out
+per-position baseline of its score term). Every ``eval_every`` steps the sequence-level KL(student || teacher) on
+held-out test prompts is estimated with ``trl_rb.estimate_kl`` (the RB estimate, mean +- standard error over
+completions; fixed sampling seed), and the training wall time so far (evaluation excluded) is recorded.
 
-Every (learning rate, seed, gradient) combination is one run. Outputs in ``--out``:
-``runs/<gradient>-lr<lr>-seed<s>.json`` (one per finished run: a rerun skips it, so an interrupted
-study resumes), ``distillation_study.png`` (KL against step and against training time, mean +- SE over seeds), and
+Every (learning rate, seed, method) combination is one run. Outputs in ``--out``:
+``runs/<method>-lr<lr>-seed<s>.json`` (one per finished run: a rerun skips it, so an interrupted
+study resumes), ``distillation_study.png`` (KL against step and against training time, mean +- SE over seeds),
+``gradient_noise.json`` (per-batch gradient variance of each method at the initial student) and
 ``summary.json`` / ``summary.md`` / the printed table, per learning rate: the KL at equal steps (the last
-evaluation) and at equal wall time (each method's curve interpolated at the shorter of the two methods' mean
-training times), mean +- SE over seeds, and the rb - pathwise differences paired by seed.
+evaluation) and at equal wall time (each method's curve interpolated at the shortest of the methods' mean
+training times), mean +- SE over seeds, and each method's difference from ``pathwise`` paired by seed.
 """
 
 from __future__ import annotations
@@ -30,9 +32,23 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["GRADIENTS", "main", "run_one", "summarize"]
+__all__ = ["BASELINE", "METHODS", "main", "run_one", "summarize"]
 
-GRADIENTS = ("pathwise", "rb")
+GROUP = 4
+"""Completions per prompt of the ``rb-loo`` method (its batches hold batch_size / GROUP prompts)."""
+
+METHODS: dict[str, dict[str, Any]] = {
+    "pathwise": {"kl_gradient": "pathwise"},
+    "rb": {"kl_gradient": "rb"},
+    "rb-loo": {"kl_gradient": "rb", "num_generations": GROUP, "rb_loo_baseline": True},
+}
+"""The trained methods: DistillationConfig fields of each (every batch holds ``batch_size`` completions)."""
+
+NOISE_ONLY: dict[str, dict[str, Any]] = {"rb-groups": {"kl_gradient": "rb", "num_generations": GROUP, "rb_loo_baseline": False}}
+"""Measured in the gradient-noise part only: rb-loo's batches without its baseline (what the baseline itself does)."""
+
+BASELINE = "pathwise"
+"""The method every other one is compared with (trl's gradient)."""
 
 
 def _student_from(teacher: Any, n_layer: int) -> Any:
@@ -53,7 +69,7 @@ def _kl_on_test(student: Any, teacher: Any, tokenizer: Any, prompts: list[str], 
             "kl_k1": float(result.values["k1"].mean())}  # fmt: skip
 
 
-def _distiller(gradient: str, name: str, opts: argparse.Namespace, callbacks: list | None = None, **config: Any):
+def _distiller(method: str, name: str, opts: argparse.Namespace, callbacks: list | None = None, **config: Any):
     """A DistillationTrainer of a fresh student from the review LM on the training prompts, with the study's
     settings (``config``: the fields that differ between uses). Returns (trainer, teacher, tokenizer)."""
     import torch
@@ -65,7 +81,7 @@ def _distiller(gradient: str, name: str, opts: argparse.Namespace, callbacks: li
     torch.set_num_threads(opts.torch_threads)
     teacher, tokenizer = load_review_lm(opts.cache_dir)
     args = DistillationConfig(
-        output_dir=str(Path(opts.out) / "trainer" / name), kl_gradient=gradient,
+        output_dir=str(Path(opts.out) / "trainer" / name), **{**METHODS, **NOISE_ONLY}[method],
         per_device_train_batch_size=opts.batch_size, max_completion_length=opts.max_new_tokens, save_strategy="no",
         report_to=[], use_cpu=True, bf16=False, **config,
     )  # fmt: skip
@@ -75,7 +91,7 @@ def _distiller(gradient: str, name: str, opts: argparse.Namespace, callbacks: li
     return trainer, teacher, tokenizer
 
 
-def run_one(gradient: str, lr: float, seed: int, opts: argparse.Namespace) -> dict:
+def run_one(method: str, lr: float, seed: int, opts: argparse.Namespace) -> dict:
     """Train one student; returns its record (settings and the evaluation curve)."""
     from transformers import TrainerCallback
 
@@ -106,26 +122,27 @@ def run_one(gradient: str, lr: float, seed: int, opts: argparse.Namespace) -> di
                 self.record(state.global_step)
 
     trainer, teacher, tokenizer = _distiller(
-        gradient, _run_name(gradient, lr, seed), opts, [Evaluate()], seed=seed, max_steps=opts.steps, learning_rate=lr,
+        method, _run_name(method, lr, seed), opts, [Evaluate()], seed=seed, max_steps=opts.steps, learning_rate=lr,
         logging_steps=opts.eval_every, disable_tqdm=not opts.progress, lr_scheduler_type="constant",
     )  # fmt: skip
     trainer.train()
     settings = ("steps", "batch_size", "max_new_tokens", "student_layers", "eval_prompts", "eval_samples")
-    return {"gradient": gradient, "lr": lr, "seed": seed, "curve": curve,
+    return {"gradient": method, "lr": lr, "seed": seed, "curve": curve,
             "settings": {k: v for k, v in vars(opts).items() if k in settings}}  # fmt: skip
 
 
-def _run_name(gradient: str, lr: float, seed: int) -> str:
-    return f"{gradient}-lr{lr:g}-seed{seed}"
+def _run_name(method: str, lr: float, seed: int) -> str:
+    return f"{method}-lr{lr:g}-seed{seed}"
 
 
-def gradient_noise(opts: argparse.Namespace, batches: int) -> dict:
-    """Per-batch gradient statistics of each gradient at the initial student (learning rate 0), on the same prompts.
+def gradient_noise(opts: argparse.Namespace, batches: int, methods: list[str]) -> dict:
+    """Per-batch gradient statistics of each method at the initial student (learning rate 0).
 
-    For each ``kl_gradient``: the norm of the mean gradient over ``batches`` generation batches of ``batch_size``
-    completions, the trace of the per-batch covariance (total variance), and the noise-to-signal ratio trace /
-    |mean|^2 (how many batches it takes for the mean to stand out of the noise); and the cosine between the two mean
-    gradients.
+    Every method sees ``batches`` batches of ``batch_size`` completions drawn from the same prompts (a method with
+    ``num_generations`` k takes the first batch_size / k of a batch's prompts, each k times). Per method: the norm of
+    the mean gradient, the trace of the per-batch covariance (total variance), the noise-to-signal ratio
+    trace / |mean|^2 (how many batches it takes for the mean to stand out of the noise), and the cosine between its
+    mean gradient and the baseline method's.
     """
     import random
 
@@ -137,21 +154,26 @@ def gradient_noise(opts: argparse.Namespace, batches: int) -> dict:
     batch_prompts = [rng.sample(review_prompts("train"), opts.batch_size) for _ in range(batches)]
     out: dict[str, Any] = {"batches": batches, "batch_size": opts.batch_size}
     means = {}
-    for gradient in GRADIENTS:
-        trainer, _, _ = _distiller(gradient, f"noise-{gradient}", opts, learning_rate=0.0)
+    for method in methods:
+        k = {**METHODS, **NOISE_ONLY}[method].get("num_generations", 1)
+        trainer, _, _ = _distiller(method, f"noise-{method}", opts, learning_rate=0.0)
         trainer.model.train()
         params = [p for p in trainer.model.parameters() if p.requires_grad]
         grads = []
         for b, prompts in enumerate(batch_prompts):
             torch.manual_seed(b)
-            inputs = trainer._generate_and_score_completions([{"prompt": p} for p in prompts])
+            rows = [{"prompt": p} for p in prompts[: opts.batch_size // k] for _ in range(k)]
+            inputs = trainer._generate_and_score_completions(rows)
             loss = trainer.compute_loss(trainer.model, inputs, num_items_in_batch=inputs["num_items_in_batch"])
             grads.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)]).double())
         g = torch.stack(grads)
-        means[gradient] = g.mean(0)
-        signal, noise = float(means[gradient].norm() ** 2), float(g.var(0).sum())
-        out[gradient] = {"mean_grad_norm": signal**0.5, "per_batch_variance_trace": noise, "noise_to_signal": noise / signal}
-    out["cosine_of_means"] = float(torch.nn.functional.cosine_similarity(means["rb"], means["pathwise"], dim=0))
+        means[method] = g.mean(0)
+        signal, noise = float(means[method].norm() ** 2), float(g.var(0).sum())
+        out[method] = {"mean_grad_norm": signal**0.5, "per_batch_variance_trace": noise, "noise_to_signal": noise / signal}
+    for method in methods:
+        if BASELINE in means:
+            cosine = torch.nn.functional.cosine_similarity(means[method], means[BASELINE], dim=0)
+            out[method]["cosine_to_" + BASELINE] = float(cosine)
     return out
 
 
@@ -161,14 +183,15 @@ def _mean_se(values: list[float]) -> tuple[float, float]:
 
 
 def summarize(records: list[dict]) -> dict:
-    """Per learning rate: KL at equal steps and at equal wall time per gradient (mean +- SE over seeds), and the
-    rb - pathwise differences paired by seed."""
+    """Per learning rate: KL at equal steps and at equal wall time per method (mean +- SE over seeds), and each
+    method's difference from the baseline method paired by seed ("<method>_minus_pathwise_equal_steps" / "_time")."""
     return {f"{lr:g}": _summarize_lr([r for r in records if r["lr"] == lr]) for lr in sorted({r["lr"] for r in records})}
 
 
 def _summarize_lr(records: list[dict]) -> dict:
-    by = {g: {r["seed"]: r for r in records if r["gradient"] == g} for g in GRADIENTS}
-    final_time = {g: float(np.mean([r["curve"][-1]["train_seconds"] for r in by[g].values()])) for g in GRADIENTS}
+    methods = [m for m in METHODS if any(r["gradient"] == m for r in records)]
+    by = {g: {r["seed"]: r for r in records if r["gradient"] == g} for g in methods}
+    final_time = {g: float(np.mean([r["curve"][-1]["train_seconds"] for r in by[g].values()])) for g in methods}
     budget = min(final_time.values())
 
     def at_time(record: dict) -> float:
@@ -179,7 +202,7 @@ def _summarize_lr(records: list[dict]) -> dict:
         return record["curve"][-1]["kl_rb"]
 
     out: dict[str, Any] = {"equal_wall_time_seconds": budget, "mean_train_seconds": final_time, "methods": {}}
-    for g in GRADIENTS:
+    for g in methods:
         runs = list(by[g].values())
         out["methods"][g] = {
             "seeds": sorted(by[g]),
@@ -187,9 +210,13 @@ def _summarize_lr(records: list[dict]) -> dict:
             "kl_equal_steps": _mean_se([final(r) for r in runs]),
             "kl_equal_time": _mean_se([at_time(r) for r in runs]),
         }
-    paired = sorted(set(by["rb"]) & set(by["pathwise"]))
-    out["rb_minus_pathwise_equal_steps"] = _mean_se([final(by["rb"][s]) - final(by["pathwise"][s]) for s in paired])
-    out["rb_minus_pathwise_equal_time"] = _mean_se([at_time(by["rb"][s]) - at_time(by["pathwise"][s]) for s in paired])
+    base = by.get(BASELINE, {})
+    for g in methods:
+        if g == BASELINE:
+            continue
+        paired = sorted(set(by[g]) & set(base))
+        out[f"{g}_minus_{BASELINE}_equal_steps"] = _mean_se([final(by[g][s]) - final(base[s]) for s in paired])
+        out[f"{g}_minus_{BASELINE}_equal_time"] = _mean_se([at_time(by[g][s]) - at_time(base[s]) for s in paired])
     return out
 
 
@@ -197,7 +224,7 @@ def _table(summary: dict) -> str:
     def fmt(pair: tuple[float, float]) -> str:
         return f"{pair[0]:.3f} +- {pair[1]:.3f}"
 
-    rows = ["| lr | gradient | seeds | KL at step 0 | KL at equal steps | KL at equal wall time | train s (mean) |",
+    rows = ["| lr | method | seeds | KL at step 0 | KL at equal steps | KL at equal wall time | train s (mean) |",
             "|---|---|---|---|---|---|---|"]  # fmt: skip
     notes = []
     for lr, part in summary.items():
@@ -206,16 +233,19 @@ def _table(summary: dict) -> str:
         for g, m in part["methods"].items():
             rows.append(f"| {lr} | {g} | {len(m['seeds'])} | {fmt(m['initial_kl'])} | {fmt(m['kl_equal_steps'])} | "
                         f"{fmt(m['kl_equal_time'])} | {part['mean_train_seconds'][g]:.0f} |")  # fmt: skip
-        notes.append(f"lr {lr}: rb - pathwise (paired by seed): equal steps {fmt(part['rb_minus_pathwise_equal_steps'])}, "
-                     f"equal wall time ({part['equal_wall_time_seconds']:.0f} s) {fmt(part['rb_minus_pathwise_equal_time'])}")  # fmt: skip
+        for g in part["methods"]:
+            if g != BASELINE:
+                notes.append(f"lr {lr}: {g} - {BASELINE} (paired by seed): equal steps "
+                             f"{fmt(part[f'{g}_minus_{BASELINE}_equal_steps'])}, equal wall time "
+                             f"({part['equal_wall_time_seconds']:.0f} s) {fmt(part[f'{g}_minus_{BASELINE}_equal_time'])}")  # fmt: skip
     noise = summary.get("gradient_noise")
     if noise:
         notes.append(f"\ngradient noise at the initial student ({noise['batches']} batches of {noise['batch_size']}):")
-        for g in GRADIENTS:
-            n = noise[g]
-            notes.append(f"  {g}: |mean grad| {n['mean_grad_norm']:.4g}, per-batch variance (trace) "
-                         f"{n['per_batch_variance_trace']:.4g}, noise / signal {n['noise_to_signal']:.3g}")  # fmt: skip
-        notes.append(f"  cosine(mean rb, mean pathwise) {noise['cosine_of_means']:.3f}")
+        for g, n in noise.items():
+            if isinstance(n, dict):
+                notes.append(f"  {g}: |mean grad| {n['mean_grad_norm']:.4g}, per-batch variance (trace) "
+                             f"{n['per_batch_variance_trace']:.4g}, noise / signal {n['noise_to_signal']:.3g}, "
+                             f"cosine to {BASELINE}'s mean {n.get('cosine_to_' + BASELINE, float('nan')):.3f}")  # fmt: skip
     return "\n".join(rows + [""] + notes)
 
 
@@ -227,8 +257,8 @@ def plot(records: list[dict], png: Path, title: str) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     styles = ("-", "--", ":", "-.")
-    for (g, color), (i, lr) in itertools.product(zip(GRADIENTS, ("tab:orange", "tab:blue"), strict=True),
-                                                 enumerate(sorted({r["lr"] for r in records}))):  # fmt: skip
+    colors = dict(zip(METHODS, ("tab:orange", "tab:blue", "tab:green"), strict=True))
+    for (g, color), (i, lr) in itertools.product(colors.items(), enumerate(sorted({r["lr"] for r in records}))):
         runs = [r for r in records if r["gradient"] == g and r["lr"] == lr]
         if not runs:
             continue
@@ -256,10 +286,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--out", default="outputs/distillation-study", help="output folder (resumes runs found there)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--gradients", nargs="+", choices=GRADIENTS, default=list(GRADIENTS))
+    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS),
+                   help=f"pathwise: trl's gradient; rb: the RB surrogate; rb-loo: rb with {GROUP} completions per "
+                   "prompt and the leave-one-out baseline")  # fmt: skip
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--lrs", type=float, nargs="+", default=[3e-4, 1e-3], help="learning rates (each with every gradient)")
-    p.add_argument("--batch_size", type=int, default=16, help="completions per step (one per prompt)")
+    p.add_argument("--batch_size", type=int, default=16,
+                   help=f"completions per step (one per prompt; rb-loo: {GROUP} per prompt)")  # fmt: skip
     p.add_argument("--max_new_tokens", type=int, default=24, help="completion length limit, training and evaluation")
     p.add_argument("--student_layers", type=int, default=1)
     p.add_argument("--eval_every", type=int, default=25)
@@ -281,24 +314,27 @@ def main(argv: list[str] | None = None) -> int:
     runs_dir = Path(opts.out) / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
     records = []
-    for lr, seed, gradient in itertools.product(opts.lrs, opts.seeds, opts.gradients):
-        path = runs_dir / f"{_run_name(gradient, lr, seed)}.json"
+    for lr, seed, method in itertools.product(opts.lrs, opts.seeds, opts.methods):
+        path = runs_dir / f"{_run_name(method, lr, seed)}.json"
         if not path.exists():
-            print(f"[distill-study] {gradient} lr {lr:g} seed {seed}", file=sys.stderr, flush=True)
+            print(f"[distill-study] {method} lr {lr:g} seed {seed}", file=sys.stderr, flush=True)
             tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(run_one(gradient, lr, seed, opts), indent=1))
+            tmp.write_text(json.dumps(run_one(method, lr, seed, opts), indent=1))
             tmp.replace(path)  # a run's file appears only once it is complete
         records.append(json.loads(path.read_text()))
     title = f"Review LM (2 layers) -> {opts.student_layers}-layer student, on-policy distillation"
     plot(records, Path(opts.out) / "distillation_study.png", title)
-    if set(opts.gradients) == set(GRADIENTS):
+    if BASELINE in opts.methods and len(opts.methods) > 1:
         summary = summarize(records)
         (Path(opts.out) / "summary.json").write_text(json.dumps(summary, indent=1))
         if opts.noise_batches:
             noise_path = Path(opts.out) / "gradient_noise.json"
-            if not noise_path.exists():
-                noise_path.write_text(json.dumps(gradient_noise(opts, opts.noise_batches), indent=1))
-            summary["gradient_noise"] = json.loads(noise_path.read_text())
+            noise_methods = [*opts.methods, *(NOISE_ONLY if "rb-loo" in opts.methods else ())]
+            noise = json.loads(noise_path.read_text()) if noise_path.exists() else {}
+            if noise.get("batches") != opts.noise_batches or any(m not in noise for m in noise_methods):
+                noise = gradient_noise(opts, opts.noise_batches, noise_methods)
+                noise_path.write_text(json.dumps(noise, indent=1))
+            summary["gradient_noise"] = noise
             (Path(opts.out) / "summary.json").write_text(json.dumps(summary, indent=1))
         table = _table(summary)
         (Path(opts.out) / "summary.md").write_text(table + "\n")

@@ -12,6 +12,9 @@ Per arm (trainer) of the study, from the runs' ``eval.json`` (test reward, eval 
 - stability: mean and standard deviation over seeds of the final reward and eval KL, per method and coefficient.
 - levelling: per method and coefficient, the mean training reward over the last eighth of the steps minus the
   eighth before it (mean +- SE over seeds): how much the reward was still rising at the end.
+- gamma: per coefficient, the γ the RB runs trained with (``kl/gamma``) and the batch estimate of their gradient
+  variance against MC's (``kl/var_ratio_vs_mc``), over the second half of the steps (mean over steps, then mean +- SE
+  over seeds; the ratio's per-run value is the median over steps).
 - gradient noise (from ``trl-rb study``'s measurements): per checkpoint, per-batch variance of the gradient.
 """
 
@@ -26,7 +29,17 @@ import numpy as np
 
 from .pareto import RunPoint, load_points
 
-__all__ = ["dominated", "frontier_share_interval", "levelling", "matched_kl_differences", "stability", "write_report"]
+__all__ = [
+    "dominated",
+    "frontier_share_interval",
+    "gamma_in_use",
+    "levelling",
+    "matched_kl_differences",
+    "stability",
+    "write_report",
+]
+
+GAMMA_KEYS = ("kl/gamma", "kl/var_ratio_vs_mc")
 
 _COLORS = {"RB": "tab:blue", "MC": "tab:orange", "K3": "tab:green"}
 
@@ -144,6 +157,24 @@ def levelling(points: list[RunPoint], rewards: dict[str, np.ndarray]) -> list[di
     return rows
 
 
+def gamma_in_use(points: list[RunPoint], curves: dict[str, dict[str, np.ndarray]]) -> list[dict[str, Any]]:
+    """Per coefficient, over the RB runs that log ``kl/gamma``: the mean γ of the second half of the steps, γ / beta,
+    and the median logged variance ratio against MC over the same steps (each mean +- SE over seeds)."""
+    rows = []
+    for beta in sorted({p.beta for p in points}):
+        gammas, ratios = [], []
+        for p in (q for q in points if q.beta == beta and q.method == "RB"):
+            gamma, ratio = curves["kl/gamma"][p.name], curves["kl/var_ratio_vs_mc"][p.name]
+            if gamma.size:
+                gammas.append(gamma[gamma.size // 2 :].mean())
+            if ratio.size:
+                ratios.append(np.median(ratio[ratio.size // 2 :]))
+        if gammas:
+            rows.append({"beta": beta, "gamma": _mean_se(gammas), "gamma_over_beta": _mean_se([g / beta for g in gammas]),
+                         "logged_variance_ratio": _mean_se(ratios) if ratios else None})  # fmt: skip
+    return rows
+
+
 def _mean_se(values: list[float]) -> list[float]:
     a = np.asarray(values, dtype=float)
     return [float(a.mean()), float(a.std(ddof=1) / math.sqrt(a.size)) if a.size > 1 else float("nan")]
@@ -251,6 +282,13 @@ def _markdown(report: dict) -> str:
         for s, lv in zip(part["stability"], part["levelling"], strict=True):
             lines.append(f"| {s['beta']:g} | {s['method']} | {s['reward_mean']:.3f} | {s['reward_sd']:.3f} | "
                          f"{s['kl_mean']:.3f} | {s['kl_sd']:.3f} | {_fmt(lv['last_rise'])} | {_fmt(lv['total_rise'])} |")  # fmt: skip
+        if part.get("gamma"):
+            lines += ["", "The γ in use (second half of the steps; `kl/gamma`) and the logged batch estimate of the RB / MC "
+                      "gradient variance (`kl/var_ratio_vs_mc`):", "", "| beta | γ | γ / beta | logged variance ratio |",
+                      "|---|---|---|---|"]  # fmt: skip
+            for g in part["gamma"]:
+                ratio = _fmt(g["logged_variance_ratio"]) if g["logged_variance_ratio"] else "–"
+                lines.append(f"| {g['beta']:g} | {_fmt(g['gamma'])} | {_fmt(g['gamma_over_beta'], 2)} | {ratio} |")
         noise = report.get("noise", {}).get(trainer)
         if noise:
             lines += ["", f"Gradient noise at learning rate 0 ({noise[0]['batches']} batches of the same completions "
@@ -291,7 +329,7 @@ def write_report(config: Any, noise: dict[str, list[dict]]) -> dict[str, Any]:
             continue
         draws = _seed_draws(complete, config.bootstrap, rng)
         arms[arm.trainer] = mine
-        curves[arm.trainer] = _training_curves(runs_dir, mine, ("reward", "kl/rb"))
+        curves[arm.trainer] = _training_curves(runs_dir, mine, ("reward", "kl/rb", *GAMMA_KEYS))
         train_seconds = [json.loads((runs_dir / p.name / "eval.json").read_text())["train_seconds"] for p in mine]
         report["arms"][arm.trainer] = {
             "runs": len(mine), "methods": arm.methods, "kl_coefs": arm.kl_coefs, "seeds": complete,
@@ -299,6 +337,7 @@ def write_report(config: Any, noise: dict[str, list[dict]]) -> dict[str, Any]:
             "frontier_share": frontier_share_interval(mine, draws),
             "matched_kl": matched_kl_differences(mine, draws, config.kl_levels),
             "stability": stability(mine), "levelling": levelling(mine, curves[arm.trainer]["reward"]),
+            "gamma": gamma_in_use(mine, curves[arm.trainer]),
         }  # fmt: skip
     (runs_dir / "study.json").write_text(json.dumps(report, indent=1))
     (runs_dir / "study.md").write_text(_markdown(report))

@@ -25,18 +25,30 @@ from typing import Any
 
 import torch
 import trl
+from datasets import IterableDataset
 from trl.trainer import distillation_trainer as trl_distillation_trainer
+from trl.trainer.utils import RepeatSampler
 
-from .distillation_loss import KL_GRADIENTS, REVERSE_KL, DistillationTerms, distillation_loss, reverse_kl_terms
+from .distillation_loss import (
+    KL_GRADIENTS,
+    REVERSE_KL,
+    DistillationTerms,
+    distillation_loss,
+    prompt_groups,
+    reverse_kl_terms,
+)
 from .heads import HeadParams
 from .metrics import log_sequence_metrics
 from .sampling import check_rb_sampling
 from .token_kl import _check_fsdp_version
 
-__all__ = ["KL_GRADIENTS", "DistillationConfig", "DistillationTrainer"]
+__all__ = ["KL_GRADIENTS", "DistillationConfig", "DistillationTrainer", "check_num_generations"]
 
 NUM_SEQUENCES_KEY = "trl_rb_num_sequences"
 """Batch key: the number of completions in the generation batch over all processes (0-d tensor)."""
+
+GROUP_KEY = "trl_rb_prompt_group"
+"""Batch key: [B] int64, rows with the same prompt share a value (``prompt_groups``); rb's leave-one-out baseline."""
 
 
 def _canonical_gradient(value: Any) -> str:
@@ -80,6 +92,17 @@ class DistillationConfig(trl.DistillationConfig):
             switching a tuned trl run to it silently would make it worse. Choose `"rb"` where the gradient must be
             the gradient of the sequence-level KL. Both log `kl/rb` (sum_t D_t per completion, mean) and `kl/k1`
             (sum_t log p_t(y_t) / q_t(y_t), mean) when `beta=1.0`.
+        num_generations (`int`, *optional*, defaults to `1`):
+            Completions sampled per prompt (trl's distillation samples one). Each generation batch then holds
+            `per_device_train_batch_size * gradient_accumulation_steps / num_generations` prompts per process, every
+            prompt's completions on one process and, after trl's shuffle, in one micro-batch (whole groups are
+            shuffled), so `per_device_train_batch_size` must be a multiple of it. Needs a map-style train dataset.
+        rb_loo_baseline (`bool`, *optional*, defaults to `True`):
+            With `kl_gradient="rb"`: subtract from the score term's future divergence G_t = sum_{m>t} D_m of each
+            completion the mean G_t of the *other* completions of the same prompt in its micro-batch that reach
+            position t (leave-one-out per position). The baseline is built from independent samples only, so the
+            gradient stays unbiased; it needs several completions per prompt (`num_generations > 1`, or repeated
+            prompts) to do anything. `False`: no baseline.
     """
 
     kl_gradient: str = field(
@@ -90,9 +113,22 @@ class DistillationConfig(trl.DistillationConfig):
         },
     )
 
+    num_generations: int = field(
+        default=1,
+        metadata={"help": "Completions sampled per prompt (trl: 1); per_device_train_batch_size must be a multiple."},
+    )
+    rb_loo_baseline: bool = field(
+        default=True,
+        metadata={
+            "help": "kl_gradient='rb': a leave-one-out per-position baseline of the score term over the other "
+            "completions of the same prompt (unbiased)."
+        },
+    )
+
     def __post_init__(self):
         self.kl_gradient = _canonical_gradient(self.kl_gradient)
         super().__post_init__()
+        check_num_generations(self.num_generations, self.per_device_train_batch_size)
         if self.kl_gradient == "rb":  # here too (not only in the trainer), so trl's CLI parser reports it
             check_rb_distillation(self)
 
@@ -107,16 +143,49 @@ def check_rb_distillation(args: Any) -> None:
     check_rb_sampling(args, "rb", setting="kl_gradient='rb'", fallback="kl_gradient='pathwise'")
 
 
+def check_num_generations(num_generations: Any, per_device_train_batch_size: int) -> None:
+    """Refuse a group size that cannot keep every prompt's completions in one micro-batch."""
+    if not isinstance(num_generations, int) or isinstance(num_generations, bool) or num_generations < 1:
+        raise ValueError(f"num_generations={num_generations!r}: use a positive integer (1: trl's one completion per prompt).")
+    if per_device_train_batch_size % num_generations:
+        raise ValueError(
+            f"num_generations={num_generations} does not divide per_device_train_batch_size="
+            f"{per_device_train_batch_size}: a prompt's completions must share a micro-batch. Make "
+            "per_device_train_batch_size a multiple of num_generations."
+        )
+
+
+def _shuffle_whole_groups(batch: dict[str, Any]) -> dict[str, Any]:
+    """trl's ``shuffle_sequence_dict`` with the rows of each ``GROUP_KEY`` value kept together and in order, so that
+    trl's split into micro-batches of a multiple of the group size keeps every group whole."""
+    groups = batch[GROUP_KEY]
+    rank = torch.randperm(int(groups.max()) + 1)[groups.cpu()]
+    order = torch.sort(rank, stable=True).indices
+
+    def take(value: Any) -> Any:
+        if value is None or (isinstance(value, torch.Tensor) and value.ndim == 0):
+            return value
+        if isinstance(value, torch.Tensor):
+            return value[order.to(value.device)]
+        return [value[i] for i in order.tolist()]
+
+    return {key: take(value) for key, value in batch.items()}
+
+
+TRL_HOOKS = ("_chunked_divergence_loss", "shuffle_sequence_dict")
+"""Module-level functions of trl.trainer.distillation_trainer that trl's step calls by name and trl-rb replaces for
+the duration of one call: the loss (``compute_loss``) and the generation batch's shuffle (``_prepare_inputs``)."""
+
+
 @contextmanager
-def _trl_loss_replaced_by(loss_fn: Any) -> Iterator[None]:
-    """trl's ``_compute_loss`` calls the module function ``_chunked_divergence_loss`` with everything the loss needs;
-    this makes that call reach ``loss_fn`` for the duration of the block."""
-    original = trl_distillation_trainer._chunked_divergence_loss
-    trl_distillation_trainer._chunked_divergence_loss = loss_fn
+def _trl_function_replaced(name: str, replacement: Any) -> Iterator[None]:
+    """Within the block, trl's distillation trainer's call of its module function ``name`` reaches ``replacement``."""
+    original = getattr(trl_distillation_trainer, name)
+    setattr(trl_distillation_trainer, name, replacement)
     try:
         yield
     finally:
-        trl_distillation_trainer._chunked_divergence_loss = original
+        setattr(trl_distillation_trainer, name, original)
 
 
 class DistillationTrainer(trl.DistillationTrainer):
@@ -148,11 +217,21 @@ class DistillationTrainer(trl.DistillationTrainer):
         self.kl_gradient = _canonical_gradient(getattr(args, "kl_gradient", "pathwise"))
         if self.kl_gradient == "rb":
             check_rb_distillation(args)
-        if not hasattr(trl_distillation_trainer, "_chunked_divergence_loss"):
+        missing = [name for name in TRL_HOOKS if not hasattr(trl_distillation_trainer, name)]
+        if missing:
             raise ValueError(
-                f"trl {trl.__version__} has no trl.trainer.distillation_trainer._chunked_divergence_loss, the loss "
-                "function trl_rb.DistillationTrainer replaces; trl-rb supports trl 1.16."
+                f"trl {trl.__version__} has no trl.trainer.distillation_trainer.{missing[0]}, a function "
+                "trl_rb.DistillationTrainer replaces; trl-rb supports trl 1.16."
             )
+        num_generations = getattr(args, "num_generations", 1)
+        check_num_generations(num_generations, args.per_device_train_batch_size)
+        if num_generations > 1 and isinstance(train_dataset, IterableDataset):
+            raise ValueError(
+                f"num_generations={num_generations} needs a map-style train_dataset (trl streams an iterable one with "
+                "one completion per prompt). Load it without streaming, or set num_generations=1."
+            )
+        self.num_generations = num_generations
+        self.loo_baseline = self.kl_gradient == "rb" and getattr(args, "rb_loo_baseline", True)
         super().__init__(
             model, teacher_model, args, train_dataset, eval_dataset, processing_class, callbacks, optimizers,
             quantization_config, peft_config, tools,
@@ -165,10 +244,32 @@ class DistillationTrainer(trl.DistillationTrainer):
         """Whether trl-rb computes the loss (and the kl/rb, kl/k1 metrics): for the reverse KL, beta=1.0."""
         return self.beta == REVERSE_KL
 
+    def _get_train_sampler(self, dataset: Any = None) -> Any:
+        """trl's sampler with each prompt drawn ``num_generations`` times in a row (trl's: once)."""
+        sampler = super()._get_train_sampler(dataset)
+        if self.num_generations == 1:
+            return sampler
+        return RepeatSampler(
+            data_source=sampler.data_source,
+            mini_repeat_count=self.num_generations,
+            batch_size=sampler.batch_size // self.num_generations,
+            repeat_count=sampler.repeat_count,
+            shuffle=sampler.shuffle,
+            seed=sampler.seed,
+        )
+
+    def _prepare_inputs(self, generation_batch: Any) -> dict[str, Any]:
+        if not self.loo_baseline:
+            return super()._prepare_inputs(generation_batch)
+        with _trl_function_replaced("shuffle_sequence_dict", _shuffle_whole_groups):
+            return super()._prepare_inputs(generation_batch)
+
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         output = super()._generate_and_score_completions(inputs)
         local = torch.tensor(output["completion_ids"].shape[0], device=self.accelerator.device)
         output[NUM_SEQUENCES_KEY] = self.accelerator.gather(local).sum()  # 0-d: kept whole when the batch is split
+        if self.loo_baseline:
+            output[GROUP_KEY] = prompt_groups(output["prompt_ids"], output["prompt_mask"])
         return output
 
     def _normalizer(
@@ -216,10 +317,11 @@ class DistillationTrainer(trl.DistillationTrainer):
                 logprob_grad=self.kl_gradient == "rb",
             )  # fmt: skip
             recorded.append(terms)
-            loss = distillation_loss(terms, self.kl_gradient, self._normalizer(inputs, terms, num_items_in_batch))
+            loss = distillation_loss(terms, self.kl_gradient, self._normalizer(inputs, terms, num_items_in_batch),
+                                     groups=inputs.get(GROUP_KEY))  # fmt: skip
             return loss, terms.entropy.sum(), terms.mask.sum()
 
-        with _trl_loss_replaced_by(loss_fn):
+        with _trl_function_replaced("_chunked_divergence_loss", loss_fn):
             out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         # after trl's forward redirection returns: the gather is collective (trl logs its entropy the same way)
         (terms,) = recorded

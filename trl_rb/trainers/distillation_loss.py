@@ -28,7 +28,7 @@ from ..kl import future_sum
 from .heads import HeadParams, gathered_heads
 from .metrics import masked_sequence_sum
 
-__all__ = ["KL_GRADIENTS", "DistillationTerms", "distillation_loss", "reverse_kl_terms"]
+__all__ = ["KL_GRADIENTS", "DistillationTerms", "distillation_loss", "leave_one_out_baseline", "prompt_groups", "reverse_kl_terms"]
 
 KL_GRADIENTS = ("pathwise", "rb")
 
@@ -135,19 +135,58 @@ def reverse_kl_terms(
     )
 
 
-def distillation_loss(terms: DistillationTerms, kl_gradient: str, normalizer: torch.Tensor | float) -> torch.Tensor:
+def prompt_groups(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+    """[B] int64 group index per row: rows with the same prompt tokens (padding ignored) share an index.
+
+    Args:
+        prompt_ids: [B, P] prompt tokens, padded (either side) to a common width P.
+        prompt_mask: [B, P] 1 at real prompt tokens.
+    """
+    keys = torch.where(prompt_mask.bool(), prompt_ids, torch.full_like(prompt_ids, -1))
+    return torch.unique(keys, dim=0, return_inverse=True)[1].reshape(-1)
+
+
+def leave_one_out_baseline(values: torch.Tensor, mask: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """Per position, the mean of ``values`` over the *other* rows of the same group that reach that position.
+
+    Args:
+        values: [B, C] float, completion-aligned (here G_t = sum_{m>t} D_m).
+        mask: [B, C] bool, which positions of each row are real.
+        groups: [B] int64 group index per row (``prompt_groups``).
+
+    Returns [B, C] of ``values``' dtype: 0 where no other row of the group reaches the position. Row i's baseline is
+    a function of the other rows only, so with rows sampled independently given their prompt it leaves the expected
+    score-function gradient of row i unchanged.
+    """
+    n = int(groups.max()) + 1 if groups.numel() else 0
+    kept = torch.where(mask, values, torch.zeros_like(values))
+    sums = kept.new_zeros(n, values.shape[1]).index_add_(0, groups, kept)
+    counts = kept.new_zeros(n, values.shape[1]).index_add_(0, groups, mask.to(kept.dtype))
+    others = counts[groups] - mask.to(kept.dtype)
+    return torch.where(others > 0, (sums[groups] - kept) / others.clamp(min=1), torch.zeros_like(kept))
+
+
+def distillation_loss(
+    terms: DistillationTerms,
+    kl_gradient: str,
+    normalizer: torch.Tensor | float,
+    groups: torch.Tensor | None = None,
+) -> torch.Tensor:
     """The loss whose gradient trains the student, a 0-d float32 tensor: (per-token sum) / ``normalizer``.
 
     ``"pathwise"``: sum_t D_t, trl's loss (trl divides by the batch's token count). ``"rb"``: the RB surrogate
-    sum_t [D_t + (l_t - sg l_t) * sg(sum_{m>t} D_m)], whose value is the same sum and whose expected gradient is
-    grad KL(p || q) times the number of sequences; with a constant ``normalizer`` the mean gradient is a fixed
-    multiple of grad KL.
+    sum_t [D_t + (l_t - sg l_t) * sg(G_t - b_t)], G_t = sum_{m>t} D_m, whose value is the same sum and whose expected
+    gradient is grad KL(p || q) times the number of sequences; with a constant ``normalizer`` the mean gradient is a
+    fixed multiple of grad KL. b_t is the leave-one-out baseline of G_t over the rows of the same ``groups`` entry
+    (completions of the same prompt, independent samples: ``leave_one_out_baseline``); None: b_t = 0.
     """
     if kl_gradient not in KL_GRADIENTS:
         raise ValueError(f"kl_gradient={kl_gradient!r}: use one of {KL_GRADIENTS}.")
     total = terms.divergence.sum()
     if kl_gradient == "rb":
         later = future_sum(terms.divergence.detach())  # padding holds 0, so only real later tokens count
+        if groups is not None:
+            later = later - leave_one_out_baseline(later, terms.mask, groups.to(later.device))
         score = (terms.logprob - terms.logprob.detach()) * later
         total = total + torch.where(terms.mask, score, torch.zeros_like(score)).sum()
     return total / normalizer

@@ -131,7 +131,10 @@ class GRPOConfig(trl.GRPOConfig):
             to its gradient (S the completion's score; unbiased for any gamma fixed before the batch is drawn, see
             `trl_rb.trainers.gamma`). `None`: fitted online, the ||S||^2-weighted least-squares slope of the advantage
             on sum r - sum K over earlier generation batches (an exponential moving average; MC's gamma = beta until
-            there are statistics). A number fixes it: 0 is the plain RB gradient, `beta` is MC.
+            there are statistics). A number fixes it: 0 is the plain RB gradient, `beta` is MC. The term is added
+            outside trl's advantage, so it has mean 0 under every `scale_rewards`: with `"group"` or `"batch"` the
+            reward part stays trl's self-normalized estimate (biased, as in trl), the KL part stays unbiased for the
+            constant `loss_type` gives, and gamma is fitted against the scaled advantage (the units it multiplies).
         rb_gamma_decay (`float`, *optional*, defaults to `0.9`):
             Weight of the earlier batches' statistics at each update of the online fit (0: the last batch only).
         rb_prefix_weight_cap (`float` or `None`, *optional*, defaults to `3.0`):
