@@ -50,6 +50,7 @@ def make_trainer(estimator: str, root, temperature: float = 1.0, reward=zero_rew
     The models go through disk: trl's RLOO constructor builds its own reference copy from the policy's path before
     ``ref_model=`` replaces it, so an in-memory policy without a path cannot be used.
     """
+    beta = config.pop("beta", BETA)
     paths = []
     for name, model in zip(("policy", "reference"), tiny_gpt2_pair(VOCAB, seed=0, **MODEL_KW), strict=True):
         path = root / name
@@ -62,7 +63,7 @@ def make_trainer(estimator: str, root, temperature: float = 1.0, reward=zero_rew
         per_device_train_batch_size=BATCH,
         num_generations=GROUP,
         max_completion_length=MAX_LEN,
-        beta=BETA,
+        beta=beta,
         kl_estimator=estimator,
         temperature=temperature,
         bf16=False,  # the comparison is in float64
