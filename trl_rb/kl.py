@@ -4,7 +4,7 @@ Alignment convention for every function here: ``logits[b, t]`` is the next-token
 was drawn from (completion-aligned, as trl's ``logits_to_keep``: the logits at the position *before* each token).
 ``mask[b, t]`` is 1 for real completion tokens (EOS included) and 0 for padding.
 
-Notation (see ESTIMATORS.md): ``p`` the policy, ``q`` the reference, both as sampling distributions
+Notation (see docs/estimators.md): ``p`` the policy, ``q`` the reference, both as sampling distributions
 (``softmax(logits / temperature)``); ``r_n = log p_n(y_n) - log q_n(y_n)``;
 ``K_n = KL(p_n || q_n)`` the exact KL of the two next-token distributions.
 

@@ -3,7 +3,7 @@
 On completions y ~ p (the student, at temperature T), with D_t = KL(p_t || q_t) the exact divergence of the two
 next-token distributions at step t and l_t = log p_t(y_t), the RB surrogate of KL(p || q) over whole sequences is
 
-    S = sum_t [D_t + (l_t - sg l_t) * sg(sum_{m>t} D_m)]            (ESTIMATORS.md, K replaced by D)
+    S = sum_t [D_t + (l_t - sg l_t) * sg(sum_{m>t} D_m)]            (docs/estimators.md, K replaced by D)
 
 Its value is sum_t D_t (an unbiased estimate of the sequence KL) and its expected gradient is grad KL(p || q). The
 first term alone, trl's loss with the completions held fixed, is the pathwise half: it misses how each token changes

@@ -1,5 +1,5 @@
-"""The gamma control variate of the RB gradient: the whole-loss estimator ``rb`` trains with (ESTIMATORS.md, "The whole
-loss"; docs/EVIDENCE.md for what it buys).
+"""The gamma control variate of the RB gradient: the whole-loss estimator ``rb`` trains with (docs/estimators.md,
+"The whole loss"; docs/EVIDENCE.md for what it buys).
 
 With S = sum_t grad log p(y_t) (the sequence score), r_t the sampled log ratio and K_t the exact per-step KL,
 d = sum_t r_t - sum_t K_t has E[d S] = E[sum_t grad K_t], so for any gamma fixed before the batch is drawn

@@ -12,7 +12,7 @@ is missing. ``kl_estimator`` chooses:
 - ``k1``: the detached per-sequence k1 = sum_t r_t enters the advantages, an unbiased score-function gradient.
 - ``rb`` (the default, as in trl_rb's RLOO): each completion token t adds
   beta * [K_t + (l_t - sg l_t) * sg(sum_{m>t} K_m)] to the per-token loss
-  (ESTIMATORS.md, surrogate S_rb), with K_t the exact KL of the two next-token distributions, aggregated by the
+  (docs/estimators.md, surrogate S_rb), with K_t the exact KL of the two next-token distributions, aggregated by the
   configured ``loss_type``: the unbiased Rao-Blackwellized gradient, scaled by the constant the aggregation implies.
 
 How the hooks work (no trl code is copied): ``_generate_and_score_completions`` runs trl's under a hidden-state

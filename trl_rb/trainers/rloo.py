@@ -1,7 +1,7 @@
 """RLOO with a choice of KL estimator in the reward penalty, the Rao-Blackwellized one by default: drop-ins for trl's.
 
 ``trl_rb.RLOOConfig`` / ``trl_rb.RLOOTrainer`` subclass ``trl.RLOOConfig`` / ``trl.RLOOTrainer`` (trl 1.16) and add
-``kl_estimator`` (``k1``, ``k3``, ``rb``). How the trainer hooks into trl (see ESTIMATORS.md, "Inside RLOO"):
+``kl_estimator`` (``k1``, ``k3``, ``rb``). How the trainer hooks into trl (docs/estimators.md, "Inside the trainers"):
 
 - Scoring. trl computes the policy's per-token log-probs, then the reference's, with
   ``_get_per_token_logps_and_entropies``, and penalizes each reward with beta * sum_n (old_n - ref_n). While trl
