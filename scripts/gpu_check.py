@@ -334,7 +334,7 @@ def run_mode(args: argparse.Namespace) -> int:
     rc = 0
     try:
         if args.vllm == "colocate" and util.find_spec("vllm") is None:
-            record.update(status="skipped", error="vllm is not installed")
+            record.update(status="skipped", error="vllm is not installed (not installable offline)")
         else:
             with tempfile.TemporaryDirectory(prefix="gpu_check_") as work:
                 record.update(train_once(args, Path(work)))

@@ -297,10 +297,11 @@ def test_multi_iteration_and_accumulation_run(tmp_path, estimator):
     assert not any(k.startswith("kl") for h in plain.state.log_history for k in h)
 
 
-def test_rb_prefix_weights_use_vllm_logprobs_when_trl_corrects_for_vllm(tmp_path):
-    """With vLLM and trl's importance-sampling correction, the sampler is vLLM: its log-probs
-    (``sampling_per_token_logps``) replace the trainer's old ones in the RB prefix weights (plumbing check on one
-    batch; the weighting itself is tested against exact enumeration in test_grpo_unbiased.py)."""
+def test_rb_prefix_weights_use_the_samplers_logprobs_whenever_trl_has_them(tmp_path):
+    """With vLLM the sampler is vLLM: its log-probs (``sampling_per_token_logps``, which trl 1.16 always requests)
+    replace the trainer's old ones in the RB prefix weights, with trl's importance-sampling correction on or off
+    (plumbing check on one batch; the weighting is tested against exact enumeration in test_grpo_unbiased.py, and
+    under real vLLM sampling in tests/vllm_tier)."""
     trainer, _, _ = make_trainer("rb", tmp_path, batch=16, group=4, num_iterations=2)
     params = [p for p in trainer.model.parameters() if p.requires_grad]
     inputs = score_batch(trainer, 16, seed=5)
@@ -311,10 +312,12 @@ def test_rb_prefix_weights_use_vllm_logprobs_when_trl_corrects_for_vllm(tmp_path
     as_vllm = {k: v for k, v in inputs.items() if k != "old_per_token_logps"}
     as_vllm["sampling_per_token_logps"] = inputs["old_per_token_logps"]
     as_vllm["importance_sampling_ratio"] = torch.ones_like(inputs["old_per_token_logps"])  # trl's, read by its loss
-    trainer.use_vllm, trainer.vllm_importance_sampling_correction = True, True
-    vllm = torch.autograd.grad(trainer.compute_loss(trainer.model, as_vllm), params)
+    for correction in (True, False):
+        trainer.use_vllm, trainer.vllm_importance_sampling_correction = True, correction
+        vllm = torch.autograd.grad(trainer.compute_loss(trainer.model, as_vllm), params)
+        for a, b in zip(stale, vllm, strict=True):
+            torch.testing.assert_close(a, b)
     trainer.use_vllm = False
-    on_policy = torch.autograd.grad(trainer.compute_loss(trainer.model, as_vllm), params)  # no sampler scores used
-    for a, b in zip(stale, vllm, strict=True):
-        torch.testing.assert_close(a, b)
+    unscored = {k: v for k, v in as_vllm.items() if k != "sampling_per_token_logps"}
+    on_policy = torch.autograd.grad(trainer.compute_loss(trainer.model, unscored), params)  # no sampler scores used
     assert max(float((a - b).abs().max()) for a, b in zip(stale, on_policy, strict=True)) > 1e-6

@@ -119,9 +119,11 @@ class GRPOConfig(trl.GRPOConfig):
               each prefix is then weighted by W_{<t} = p(y_<t) / p_old(y_<t) (from trl's old log-probs, unclipped),
               beta * [sg(W_{<t}) K_t + (l_t - sg l_t) * sg(sum_{m>t} W_{<m} K_m)], which keeps the gradient
               unbiased up to the cap on W (`rb_prefix_weight_cap`); trl's clipping of its own policy-gradient term is
-              unchanged. With vLLM generation and `vllm_importance_sampling_correction=True` (trl's default) the
-              sampler is vLLM itself: W_{<t} then uses vLLM's log-probs, which corrects for the vLLM-trainer mismatch
-              too; with the correction off the mismatch is ignored, as trl ignores it.
+              unchanged. With vLLM generation the sampler is vLLM itself: W_{<t} then uses vLLM's log-probs (trl
+              always requests them), which corrects for the vLLM-trainer mismatch too, with trl's
+              `vllm_importance_sampling_correction` on or off (that flag and `vllm_importance_sampling_mode` govern
+              trl's own policy-gradient term). The KL logged and optimized is the trainer's model's, KL(p || q) in
+              the trainer's dtype: the model being trained and saved, not vLLM's copy of it.
         rb_kl_metric (`bool`, *optional*, defaults to `True`):
             Whether `k1` and `k3` runs also log `kl/rb` (the exact per-token KL summed per sequence). It costs two
             LM-head products per loss batch; `rb` runs always log it (they compute it anyway). Where the heads cannot
@@ -142,8 +144,10 @@ class GRPOConfig(trl.GRPOConfig):
             not sample (reused batches, vLLM with the correction): min(W, C), truncated importance sampling as in
             trl's vLLM correction (same default). It keeps the step finite (an uncapped W overflows float32 on long,
             far off-policy completions) and biases it where the current policy makes a prefix more than C times as
-            likely as the sampler did (such prefixes are under-weighted). `None`: no cap, unbiased; a weight beyond
-            float range then raises a `ValueError`.
+            likely as the sampler did (such prefixes are under-weighted). With `rb_gamma` != 0 the control variate's
+            whole-completion weight is truncated too, which biases its term more where the cap binds (the README's
+            vLLM section has the numbers). `None`: no cap, unbiased; a weight beyond float range then raises a
+            `ValueError`.
         use_bias_correction_kl (`bool` or `None`, *optional*, defaults to `None`):
             trl's option to multiply the k3 term by the importance-sampling ratio. `None` means trl's default
             (`True`) for `kl_estimator="k3"` and `False` otherwise; it only applies to `k3`, so `True` with `k1` or
@@ -464,11 +468,14 @@ class GRPOTrainer(HiddenCaptureMixin, trl.GRPOTrainer):
     def _sampler_logps(self, inputs: dict[str, Any]) -> torch.Tensor | None:
         """[B, C] per-token log-probs of the policy that sampled the batch, or None when that is the current one.
 
-        With vLLM and trl's importance-sampling correction on, vLLM's own log-probs (trl requires them "processed":
-        of the distribution it sampled from), which covers both the vLLM-trainer mismatch and stale batches;
-        otherwise the trainer's at sampling time, which trl records only when batches are reused after an update.
+        Whenever trl has the sampler's own log-probs (vLLM's, which trl 1.16 always requests and requires
+        "processed": of the distribution it sampled from, temperature included; or a ``rollout_func``'s), those, with
+        trl's importance-sampling correction on or off: the RB terms are the KL of the trainer's model, and weighting
+        by p / p_vllm covers both the vLLM-trainer mismatch and stale batches (trl's correction flag governs its own
+        policy-gradient term only). Otherwise the trainer's at sampling time, which trl records only when batches are
+        reused after an update.
         """
-        if self.use_vllm and self.vllm_importance_sampling_correction and "sampling_per_token_logps" in inputs:
+        if inputs.get("sampling_per_token_logps") is not None:
             return inputs["sampling_per_token_logps"]
         return inputs.get("old_per_token_logps")
 

@@ -120,7 +120,9 @@ class RLOOConfig(trl.RLOOConfig):
             truncated importance sampling as in trl's vLLM correction (same default). It keeps the step finite (an
             uncapped W overflows float32 on long, far off-policy completions) and biases it where the current policy
             makes a prefix more than C times as likely as the sampling policy did (such prefixes are under-weighted).
-            `None`: no cap, unbiased; a weight beyond float range then raises a `ValueError`.
+            With `rb_gamma` != 0 the control variate's whole-completion weight is truncated too, which biases its term
+            more where the cap binds. `None`: no cap, unbiased; a weight beyond float range then raises a `ValueError`.
+            Under vLLM, trl's RLOO requests no log-probs from vLLM, so its samples count as the policy's (as in trl).
         rb_kl_metric (`bool`, *optional*, defaults to `True`):
             Whether `k1` and `k3` runs also log `kl/rb` (the exact per-token KL summed per sequence). It costs two
             LM-head products per generation batch; `rb` runs always log it. Where the heads cannot give it (no linear

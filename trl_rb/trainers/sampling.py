@@ -67,6 +67,10 @@ HARMLESS_KEYS: frozenset[str] = frozenset(
         "spaces_between_special_tokens",
         "output_kind",
         "stream_interval",
+        "output_text_buffer_length",
+        # vLLM: whether a request gets the *engine's* watermark; trl's colocate engine configures none (an external
+        # `trl vllm-serve` server's settings are not visible here, see check_rb_sampling)
+        "watermarking",
         # engine bookkeeping
         "skip_clone",
         "skip_reading_prefix_cache",
