@@ -3,9 +3,10 @@
 trl's RLOO and GRPO trainers score completions and compute their loss through one method,
 ``_get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep, ...)``, whose forward runs
 trl's fused LM head (per-token log-probs, no [B, T, V] logits). ``HiddenCaptureMixin`` wraps that method: while a
-recording is open (``with self._rb_recording() as calls``), every call also records the backbone's last hidden
-states of the completion positions (a forward hook, so no extra forward pass) in a ``ScoredCall``; a subclass may
-rewrite the returned log-probs in ``_rb_transform_call``.
+recording is open (``with self._rb_recording() as recording``), every call also records the backbone's last hidden
+states of the completion positions (a forward hook, so no extra forward pass) in a ``ScoredCall``, and the
+recording's ``rewrite`` (if any) may replace the log-probs trl receives. ``GenerationPositionsMixin`` (below it in
+the bases) scores every call at generation's position ids.
 
 Alignment: every [B, C, ...] tensor here is completion-aligned like trl's ``logits_to_keep``: position i belongs to
 completion token i (for hidden states, the hidden state just *before* token i, which predicts it).
@@ -13,7 +14,7 @@ completion token i (for hidden states, the hidden state just *before* token i, w
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +24,7 @@ from torch import nn
 
 from .heads import capture_last_hidden, completion_hidden, positions_from_attention_mask
 
-__all__ = ["REF_HIDDEN_KEY", "HiddenCaptureMixin", "ScoredCall"]
+__all__ = ["REF_HIDDEN_KEY", "GenerationPositionsMixin", "HiddenCaptureMixin", "Recording", "ScoredCall"]
 
 # Key of the reference's completion hidden states [B, C, H_ref] (detached) in the dict that
 # `_generate_and_score_completions` returns; trl shuffles and splits it along dim 0 with every other tensor.
@@ -55,38 +56,66 @@ class ScoredCall:
     kwargs: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class Recording:
+    """One open recording: the calls seen so far and what the trainer's hooks collect for the block that opened it.
+
+    Attributes:
+        calls: every ``ScoredCall`` of the block, in call order.
+        rewrite: called as ``rewrite(call, logps)`` for each call; its return value is what trl receives instead of
+            the log-probs (None: trl gets its own log-probs unchanged).
+        notes: what other overridden trl methods report while the block runs (e.g. RLOO's ``_calculate_rewards``),
+            read by the block after trl returns.
+    """
+
+    calls: list[ScoredCall] = field(default_factory=list)
+    rewrite: Callable[[ScoredCall, torch.Tensor], torch.Tensor] | None = None
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+class GenerationPositionsMixin:
+    """Scores every sequence at the position ids generation sampled it at: ``cumsum(attention_mask) - 1``.
+
+    trl 1.16 calls the model without position ids, which shifts left-padded rows of absolute-position models (GPT-2)
+    to other positions than generation used; rotary and multimodal models are unaffected. Overrides trl's
+    ``_get_per_token_logps_and_entropies`` (every scoring and loss forward goes through it).
+    """
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
+        with positions_from_attention_mask(model):
+            return super()._get_per_token_logps_and_entropies(  # type: ignore[misc]
+                model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
+            )
+
+
 class HiddenCaptureMixin:
     """Mixin for trl's RLOO / GRPO trainers: records completion hidden states of trl's own scoring forwards.
 
-    Put it before the trl trainer in the bases: ``class MyTrainer(HiddenCaptureMixin, trl.RLOOTrainer)``.
-    Outside ``_rb_recording()`` the wrapped method is exactly trl's.
+    Put it before the trl trainer in the bases: ``class MyTrainer(HiddenCaptureMixin, trl.RLOOTrainer)``. The only
+    state it keeps is the open ``Recording`` (one object, opened and closed by ``_rb_recording``); outside a recording
+    the wrapped method is exactly trl's.
     """
 
-    _rb_calls: list[ScoredCall] | None = None
+    _rb_open: Recording | None = None
 
     @contextmanager
-    def _rb_recording(self) -> Iterator[list[ScoredCall]]:
-        """Record every ``_get_per_token_logps_and_entropies`` call made inside the block, in call order."""
-        if self._rb_calls is not None:
+    def _rb_recording(
+        self, rewrite: Callable[[ScoredCall, torch.Tensor], torch.Tensor] | None = None
+    ) -> Iterator[Recording]:
+        """Record every ``_get_per_token_logps_and_entropies`` call made inside the block, in call order; ``rewrite``
+        (if given) replaces the log-probs trl receives from each call."""
+        if self._rb_open is not None:
             raise RuntimeError("A hidden-state recording is already open; recordings do not nest.")
-        calls: list[ScoredCall] = []
-        self._rb_calls = calls
+        recording = Recording(rewrite=rewrite)
+        self._rb_open = recording
         try:
-            yield calls
+            yield recording
         finally:
-            self._rb_calls = None
-
-    def _rb_transform_call(self, call: ScoredCall, logps: torch.Tensor) -> torch.Tensor:
-        """Hook: the per-token log-probs [B, C] trl receives from a recorded call. Default: unchanged."""
-        return logps
+            self._rb_open = None
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
-        # Scored at the positions generation sampled at (trl 1.16 passes none: wrong for left-padded GPT-2 rows).
-        with positions_from_attention_mask(model):
-            return self._scored_call(model, input_ids, attention_mask, logits_to_keep, *args, **kwargs)
-
-    def _scored_call(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
-        if self._rb_calls is None:
+        recording = self._rb_open
+        if recording is None:
             return super()._get_per_token_logps_and_entropies(  # type: ignore[misc]
                 model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
             )
@@ -97,7 +126,7 @@ class HiddenCaptureMixin:
         if not captured:
             raise RuntimeError(f"No hidden states were captured from {type(model).__name__}'s forward.")
         call = ScoredCall(
-            index=len(self._rb_calls),
+            index=len(recording.calls),
             model=model,
             # slice before concatenating: the result does not keep the prompts' hidden states alive
             hidden=torch.cat([completion_hidden(h, logits_to_keep) for h in captured], dim=0),
@@ -106,5 +135,7 @@ class HiddenCaptureMixin:
             args=(input_ids, attention_mask, logits_to_keep, *args),
             kwargs=kwargs,
         )
-        self._rb_calls.append(call)
-        return self._rb_transform_call(call, logps), entropies, aux
+        recording.calls.append(call)
+        if recording.rewrite is not None:
+            logps = recording.rewrite(call, logps)
+        return logps, entropies, aux

@@ -17,9 +17,9 @@ is missing. ``kl_estimator`` chooses:
 
 How the hooks work (no trl code is copied): ``_generate_and_score_completions`` runs trl's under a hidden-state
 recording (``capture.HiddenCaptureMixin``), so the reference's last hidden states of trl's own reference forward
-ride in the batch dict (``capture.REF_HIDDEN_KEY``); ``_compute_loss`` runs trl's loss with its KL term switched
-off (beta treated as 0 inside it) and records the policy's hidden states and per-token log-probs l_t (with
-gradient) from trl's own loss forward; K_t comes from ``trl_rb.kl`` on the two hidden states and LM heads
+ride in the batch dict (``capture.REF_HIDDEN_KEY``); ``_compute_loss`` runs trl's loss, records the policy's hidden states and
+per-token log-probs l_t (with gradient) from trl's own loss forward, and (``k1``, ``rb``) subtracts the beta * k3 term
+trl added, the same expression of the same log-probs (the table in ``trl_rb.trainers`` lists every override); K_t comes from ``trl_rb.kl`` on the two hidden states and LM heads
 (never [B, T, V] logits). Forward passes per generation batch (num_iterations = 1, aligned steps; generation aside):
 
 =========  ==========================================  ==================
@@ -54,7 +54,7 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer import grpo_trainer as trl_grpo_trainer
 
 from ..kl import canonical_estimator, future_sum
-from .capture import REF_HIDDEN_KEY, HiddenCaptureMixin, ScoredCall
+from .capture import REF_HIDDEN_KEY, GenerationPositionsMixin, HiddenCaptureMixin, ScoredCall
 from .fused_head import fused_loss_head, loss_head_for, weighted_sum
 from .gamma import GAMMA_HELP, GAMMA_KEY, GammaFit, check_gamma_settings, gamma_metrics, score_norm_proxy
 from .metrics import log_sequence_metrics, masked_sequence_sum
@@ -64,9 +64,10 @@ from .off_policy import (
     check_prefix_weight_cap,
     sampler_prefix_weights,
 )
-from .reference import load_reference_model, prepare_reference_model, trl_without_reference
+from .reference import args_for_trl, load_reference_model, prepare_reference_model
 from .sampling import check_rb_generation_config_of, check_rb_sampling
 from .token_kl import (
+    k3_per_token,
     logs_rb_metric,
     policy_head,
     reference_head,
@@ -254,7 +255,7 @@ def _trl_init_argument(name: str, *args: Any, **kwargs: Any) -> Any:
     return bound.arguments[name]
 
 
-class GRPOTrainer(HiddenCaptureMixin, trl.GRPOTrainer):
+class GRPOTrainer(HiddenCaptureMixin, GenerationPositionsMixin, trl.GRPOTrainer):
     """trl's ``GRPOTrainer`` with the KL estimator chosen by ``args.kl_estimator`` (``trl_rb.GRPOConfig``).
 
     Same constructor as ``trl.GRPOTrainer``, plus ``ref_model``: an optional reference (a path or a model sharing the
@@ -298,9 +299,8 @@ class GRPOTrainer(HiddenCaptureMixin, trl.GRPOTrainer):
                 raise ValueError("sync_ref_model=True with an explicit ref_model= is not supported; drop one of them.")
             quantization = _trl_init_argument("quantization_config", model, reward_funcs, args, *pos_args, **kwargs)
             # trl builds no reference of its own (nor a PEFT "ref" adapter); ours is installed right after.
-            with trl_without_reference(args):
-                super().__init__(model, reward_funcs, args, *pos_args, **kwargs)
-            self.beta = args.beta
+            super().__init__(model, reward_funcs, args_for_trl(args, estimator, beta=0.0), *pos_args, **kwargs)
+            self.beta = self.args.beta = args.beta
             self.ref_model = prepare_reference_model(
                 self,
                 load_reference_model(
@@ -312,7 +312,7 @@ class GRPOTrainer(HiddenCaptureMixin, trl.GRPOTrainer):
                 ),
             )
         else:
-            super().__init__(model, reward_funcs, args, *pos_args, **kwargs)
+            super().__init__(model, reward_funcs, args_for_trl(args, estimator), *pos_args, **kwargs)
         self.kl_estimator = estimator
         if self.beta != 0.0:  # the checkpoint's generation config, known once trl has loaded the model
             check_rb_generation_config_of(self, estimator)
@@ -330,8 +330,9 @@ class GRPOTrainer(HiddenCaptureMixin, trl.GRPOTrainer):
     def _generate_and_score_completions(self, inputs):
         if self.beta == 0.0:
             return super()._generate_and_score_completions(inputs)
-        with self._rb_recording() as calls:
+        with self._rb_recording() as recording:
             output = super()._generate_and_score_completions(inputs)
+        calls = recording.calls
         ref_call = self._reference_call(calls)
         if self.kl_estimator == "rb":  # fixed before the batch is drawn: it never depends on the batch's samples
             gamma = self._gamma_for_batch(training=self.model.training)
@@ -400,20 +401,20 @@ class GRPOTrainer(HiddenCaptureMixin, trl.GRPOTrainer):
             return super()._compute_loss(model, inputs)
         beta = self.beta
         fused = loss_head_for(self, model, inputs) if self.kl_estimator == "rb" else None
-        with self._rb_recording() as calls, fused_loss_head(fused):
-            if self.kl_estimator != "k3":
-                self.beta = 0.0  # trl's k3 term off; the reference log-probs were still computed while scoring
-            try:
-                loss = super()._compute_loss(model, inputs)
-            finally:
-                self.beta = beta
-        if len(calls) != 1:
-            raise RuntimeError(f"expected one policy forward in trl's loss, saw {len(calls)}.")
-        policy = calls[0]
+        with self._rb_recording() as recording, fused_loss_head(fused):
+            loss = super()._compute_loss(model, inputs)
+        if len(recording.calls) != 1:
+            raise RuntimeError(f"expected one policy forward in trl's loss, saw {len(recording.calls)}.")
+        policy = recording.calls[0]
         mask = inputs["completion_mask"]
         if "tool_mask" in inputs:
             mask = mask * inputs["tool_mask"]
         mode = "train" if self.model.training else "eval"
+        if self.kl_estimator != "k3":
+            # trl added beta * k3_t of these very log-probs (use_bias_correction_kl is off: see args_for_trl); the
+            # same term taken back out leaves trl's loss without its KL term, value and gradient (to rounding).
+            k3 = k3_per_token(policy.logps - inputs["ref_per_token_logps"])
+            loss = loss - beta * self._reduce(k3, mask, inputs, mode)
 
         kl_terms = None
         if self.kl_estimator == "rb":

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+import copy
 from typing import Any
 
 import torch
@@ -11,7 +10,7 @@ from torch import nn
 
 from .heads import unwrap_causal_lm, vocab_size
 
-__all__ = ["load_reference_model", "prepare_reference_model", "trl_without_reference"]
+__all__ = ["args_for_trl", "load_reference_model", "prepare_reference_model"]
 
 
 def load_reference_model(
@@ -95,19 +94,30 @@ def _check_tokenizer(path: str, processing_class: Any) -> None:
         )
 
 
-@contextmanager
-def trl_without_reference(args: Any) -> Iterator[None]:
-    """Inside the block ``args.beta`` reads 0, so a trl trainer's ``__init__`` builds no reference of its own.
+def args_for_trl(args: Any, estimator: str, *, beta: float | None = None) -> Any:
+    """The config a trl trainer's ``__init__`` gets: ``args`` itself, or a shallow copy where trl must see other
+    values than the user's (the user's object is never modified).
 
-    With an explicit ``ref_model=`` trl's copy of the starting model would be wasted memory, and for a policy passed
-    as an in-memory model trl cannot build it at all (it reloads from the policy's path). The caller sets
-    ``self.beta`` and installs its reference (``prepare_reference_model``) after the block.
+    - ``beta``: 0.0 when trl_rb installs its own reference (``ref_model=``): trl then builds no copy of the starting
+      model (wasted memory, and impossible for a policy passed in memory); the caller sets the real beta on the
+      trainer and its ``args`` after ``__init__``.
+    - ``use_bias_correction_kl`` (GRPO): False unless ``estimator == "k3"``: a plain ``trl.GRPOConfig`` has trl's
+      default True, which would multiply trl's k3 term by the importance ratio; ``k1`` and ``rb`` take trl's k3 term
+      back out of the loss and need it unmultiplied.
     """
-    beta, args.beta = args.beta, 0.0
-    try:
-        yield
-    finally:
-        args.beta = beta
+    if args is None:  # trl builds its default config
+        return args
+    changes: dict[str, Any] = {}
+    if beta is not None and args.beta != beta:
+        changes["beta"] = beta
+    if estimator != "k3" and getattr(args, "use_bias_correction_kl", False):
+        changes["use_bias_correction_kl"] = False
+    if not changes:
+        return args
+    trl_args = copy.copy(args)
+    for name, value in changes.items():
+        setattr(trl_args, name, value)
+    return trl_args
 
 
 def _cast_head_to_fp32(model: nn.Module) -> None:

@@ -32,6 +32,7 @@ four more products, all in the forward), with the same result.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -39,7 +40,7 @@ import trl
 from accelerate.utils import is_peft_model
 
 from ..kl import canonical_estimator, future_sum
-from .capture import REF_HIDDEN_KEY, HiddenCaptureMixin, ScoredCall
+from .capture import REF_HIDDEN_KEY, GenerationPositionsMixin, HiddenCaptureMixin, ScoredCall
 from .fused_head import fused_loss_head, loss_head_for, weighted_sum
 from .gamma import (
     GAMMA_HELP,
@@ -57,7 +58,7 @@ from .off_policy import (
     check_prefix_weight_cap,
     sampler_prefix_weights,
 )
-from .reference import load_reference_model, prepare_reference_model, trl_without_reference
+from .reference import args_for_trl, load_reference_model, prepare_reference_model
 from .sampling import check_rb_generation_config_of, check_rb_sampling
 from .token_kl import (
     k3_per_token,
@@ -78,6 +79,23 @@ OLD_TOKEN_LOGPS_KEY = "rb_old_per_token_logps"
 OLD_TOKEN_KL_KEY = "rb_old_token_kl"
 
 _ESTIMATORS = ("k1", "k3", "rb")
+
+
+@dataclass
+class ScoringPass:
+    """What one scoring of a generation batch (one ``_generate_and_score_completions``) carries between trl's calls.
+
+    Attributes:
+        gamma: the batch's gamma (``rb``; fixed before the batch is drawn), 0 otherwise.
+        policy: trl's first scoring call, the policy's (set when it runs).
+        metrics: ``kl/k1`` and ``kl/rb`` per sequence [B], set at the reference's call.
+        token_kl: [B, C] K_n of the sampled prefixes (when the ``kl/rb`` metric is computed), set at the same time.
+    """
+
+    gamma: float
+    policy: ScoredCall | None = None
+    metrics: dict[str, torch.Tensor] | None = None
+    token_kl: torch.Tensor | None = None
 
 
 @dataclass
@@ -177,7 +195,7 @@ class RLOOConfig(trl.RLOOConfig):
         super().__post_init__()
 
 
-class RLOOTrainer(HiddenCaptureMixin, trl.RLOOTrainer):
+class RLOOTrainer(HiddenCaptureMixin, GenerationPositionsMixin, trl.RLOOTrainer):
     """``trl.RLOOTrainer`` with the KL estimator chosen by ``args.kl_estimator`` (see [`RLOOConfig`]).
 
     Same constructor as trl's, plus ``ref_model``: a path or a model to regularize toward instead of the policy's
@@ -238,11 +256,6 @@ class RLOOTrainer(HiddenCaptureMixin, trl.RLOOTrainer):
                 "analytic half, so the two would no longer add up to the KL gradient. Set normalize_advantages=False, "
                 "or use kl_estimator='k1'."
             )
-        self._rb_phase: str | None = None
-        self._rb_pending: dict[str, torch.Tensor] | None = None
-        self._rb_scorable: torch.Tensor | None = None
-        self._rb_token_kl: torch.Tensor | None = None
-        self._rb_score_gamma = 0.0  # the gamma of the batch being scored (rb)
         # batches trained on after an optimizer step, i.e. sampled by an earlier policy
         self._reuses_batches = args.num_iterations > 1 or (
             (args.steps_per_generation or args.gradient_accumulation_steps) > args.gradient_accumulation_steps
@@ -264,9 +277,8 @@ class RLOOTrainer(HiddenCaptureMixin, trl.RLOOTrainer):
             super().__init__(**init)
         else:
             # trl builds no copy of the starting model (it could not for an in-memory policy); ours replaces it.
-            with trl_without_reference(args):
-                super().__init__(**init)
-            self.beta = args.beta
+            super().__init__(**{**init, "args": args_for_trl(args, self.kl_estimator, beta=0.0)})
+            self.beta = self.args.beta = args.beta
             loaded = load_reference_model(
                 ref_model,
                 policy=self.model,
@@ -291,49 +303,47 @@ class RLOOTrainer(HiddenCaptureMixin, trl.RLOOTrainer):
     def _generate_and_score_completions(self, inputs):
         if self.beta == 0.0:
             return super()._generate_and_score_completions(inputs)
-        self._rb_phase, self._rb_pending, self._rb_scorable = "score", None, None
-        if self.kl_estimator == "rb":  # fixed before the batch is drawn: it never depends on the batch's samples
-            self._rb_score_gamma = self._fixed_gamma if self._fixed_gamma is not None else self._gamma_fit.next_gamma()
-        try:
-            with self._rb_recording() as calls:
-                output = super()._generate_and_score_completions(inputs)
-        finally:
-            self._rb_phase = None
-        scorable, self._rb_scorable = self._rb_scorable, None
-        if len(calls) != 2 or self._rb_pending is None:
+        # rb: gamma is fixed before the batch is drawn, so it never depends on the batch's samples
+        gamma = 0.0
+        if self.kl_estimator == "rb":
+            gamma = self._fixed_gamma if self._fixed_gamma is not None else self._gamma_fit.next_gamma()
+        scoring = ScoringPass(gamma=gamma)
+        with self._rb_recording(rewrite=partial(self._penalty_as_reference_logps, scoring)) as recording:
+            output = super()._generate_and_score_completions(inputs)
+        calls = recording.calls
+        if len(calls) != 2 or scoring.metrics is None:
             raise RuntimeError(
                 f"Expected trl to score the policy and then the reference (2 calls), saw {len(calls)}; this trl version "
                 "scores differently from the one trl_rb was written for (1.16)."
             )
         mode = "train" if self.model.training else "eval"
-        log_sequence_metrics(self, mode, self._rb_pending)
-        self._rb_pending = None
-        token_kl, self._rb_token_kl = self._rb_token_kl, None
+        log_sequence_metrics(self, mode, scoring.metrics)
         if self.kl_estimator == "rb":
             output[REF_HIDDEN_KEY] = calls[1].hidden.detach()
             if self._reuses_batches:  # what the sampling policy scored, for the importance-weighted RB terms
                 output[OLD_TOKEN_LOGPS_KEY] = calls[0].logps.detach()
-                output[OLD_TOKEN_KL_KEY] = token_kl
+                output[OLD_TOKEN_KL_KEY] = scoring.token_kl
             # trl zeroes the advantage of completions no reward function scored, so their KL penalty (in the
             # reward) never acts; the analytic half of the RB gradient skips them too, as the two halves must match.
+            scorable = recording.notes[SCORABLE_KEY]
             n = output["completion_mask"].shape[0]
             start = self.accelerator.process_index * n
             output[SCORABLE_KEY] = scorable[start : start + n].to(output["completion_mask"].dtype)
-            self._fit_gamma(output, calls, token_kl, scorable, mode)
+            self._fit_gamma(output, calls, scoring, scorable, mode)
         return output
 
     def _fit_gamma(
-        self, output: dict[str, Any], calls: list[ScoredCall], token_kl: torch.Tensor, scorable: torch.Tensor, mode: str
+        self, output: dict[str, Any], calls: list[ScoredCall], scoring: ScoringPass, scorable: torch.Tensor, mode: str
     ) -> None:
         """Carry the batch's gamma in ``output``; log it; in training, add the batch to the online fit.
 
         trl's advantage is A = LOO(R - beta sum K - gamma d) (leave-one-out within each prompt's group), so the
         coefficient of S without the gamma term is y = A + gamma LOO(d), regressed on LOO(d), weighted by the
         ||S||^2 proxy; unscorable completions (no reward, advantage 0) weigh nothing."""
-        gamma = self._rb_score_gamma
+        gamma = scoring.gamma
         mask = output["completion_mask"]
         r = (calls[0].logps - calls[1].logps).float()
-        d_local = masked_sequence_sum(r - token_kl.float(), mask)
+        d_local = masked_sequence_sum(r - scoring.token_kl.float(), mask)
         local = torch.stack([d_local, score_norm_proxy(calls[0].logps, mask), output["advantages"].float()], dim=1)
         d, w, advantages = self.accelerator.gather(local).unbind(1)
         group = self.num_generations if mode == "train" else self.num_generations_eval
@@ -348,20 +358,21 @@ class RLOOTrainer(HiddenCaptureMixin, trl.RLOOTrainer):
 
     def _calculate_rewards(self, *args, **kwargs):
         rewards_per_func = super()._calculate_rewards(*args, **kwargs)  # [all processes' B, reward functions]
-        if self._rb_phase == "score":
-            self._rb_scorable = ~torch.isnan(rewards_per_func).all(dim=1)  # trl's test for an unscorable row
+        if self._rb_open is not None:  # inside a scoring pass: note which rows some reward function scored
+            self._rb_open.notes[SCORABLE_KEY] = ~torch.isnan(rewards_per_func).all(dim=1)  # trl's own test
         return rewards_per_func
 
-    def _rb_transform_call(self, call: ScoredCall, logps: torch.Tensor) -> torch.Tensor:
-        if self._rb_phase != "score":
-            return logps
+    def _penalty_as_reference_logps(self, scoring: ScoringPass, call: ScoredCall, logps: torch.Tensor) -> torch.Tensor:
+        """The recording's rewrite while scoring: the policy's call passes unchanged; the reference's call returns
+        old - e (e the per-token penalty of the chosen estimator), so that trl's own old - ref is e."""
         self._check_scoring_call(call)
         if call.index == 0:
+            scoring.policy = call
             return logps
-        policy = self._rb_calls[0]
+        policy = scoring.policy
         mask = call.completion_mask.bool()
         r = torch.where(mask, policy.logps - logps, torch.zeros((), dtype=logps.dtype, device=logps.device))
-        self._rb_pending = {"kl/k1": masked_sequence_sum(r, mask)}
+        scoring.metrics = {"kl/k1": masked_sequence_sum(r, mask)}
         if self._rb_metric:
             with torch.no_grad():
                 k = token_kl_from_hidden(
@@ -372,11 +383,11 @@ class RLOOTrainer(HiddenCaptureMixin, trl.RLOOTrainer):
                     temperature=self.temperature,
                     mask=mask,
                 )
-            self._rb_pending["kl/rb"] = masked_sequence_sum(k, mask)
-            self._rb_token_kl = k
+            scoring.metrics["kl/rb"] = masked_sequence_sum(k, mask)
+            scoring.token_kl = k
         if self.kl_estimator == "rb":
             # the gamma family: penalty gamma * r_n + (beta - gamma) * K_n per token, per unit of beta
-            alpha = self._rb_score_gamma / self.beta
+            alpha = scoring.gamma / self.beta
             per_token = (alpha * r + (1.0 - alpha) * k).to(logps.dtype)
         elif self.kl_estimator == "k3":
             per_token = k3_per_token(r)
@@ -411,13 +422,10 @@ class RLOOTrainer(HiddenCaptureMixin, trl.RLOOTrainer):
             return super()._compute_loss(model, inputs)
         if REF_HIDDEN_KEY not in inputs:
             raise RuntimeError(f"The batch lacks {REF_HIDDEN_KEY!r}: it was not scored by trl_rb.RLOOTrainer.")
-        self._rb_phase = "loss"
         fused = loss_head_for(self, model, inputs)
-        try:
-            with self._rb_recording() as calls, fused_loss_head(fused):
-                loss = super()._compute_loss(model, inputs)
-        finally:
-            self._rb_phase = None
+        with self._rb_recording() as recording, fused_loss_head(fused):
+            loss = super()._compute_loss(model, inputs)
+        calls = recording.calls
         if len(calls) != 1:
             raise RuntimeError(f"Expected one policy forward in trl's loss, saw {len(calls)}.")
         mask = inputs["completion_mask"]
