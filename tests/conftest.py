@@ -1,5 +1,10 @@
-"""Test-wide settings: the tests never reach a model hub (every model and dataset is built by the tests), and run
-torch on one thread."""
+"""Test-wide settings and shared fixtures: the tests never reach a model hub (every model and dataset is built by the
+tests), and run torch on one thread.
+
+pytest's default ``prepend`` import mode puts this file's folder, ``tests/``, on ``sys.path``, so test modules in the
+tier folders (``kernels/``, ``trainers/``, ``engines/``) import the plain helpers as ``from support import ...`` and
+the tiny models as ``from enumerable import ...``; the fixtures are here. Test basenames must stay unique across
+``tests/`` (each test module is imported by its basename)."""
 
 import os
 
@@ -20,3 +25,17 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def lm_paths(tmp_path_factory):
+    """Three word-level GPT-2s saved to disk (``support.build_lm``): the policy, another with the same tokenizer and
+    different weights, and one with a smaller vocabulary; built once per test module."""
+    from support import WORDS, build_lm  # imported here: the vLLM tier shares this conftest, not these helpers
+
+    root = tmp_path_factory.mktemp("rloo_lms")
+    return {
+        "policy": build_lm(root / "policy", seed=0),
+        "other": build_lm(root / "other", seed=1),  # same tokenizer, different weights
+        "small_vocab": build_lm(root / "small_vocab", seed=2, words=WORDS[:40]),
+    }

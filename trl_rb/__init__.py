@@ -1,7 +1,9 @@
 """trl-rb: Rao-Blackwellized KL estimators for language models, in trl's RLOO, GRPO and distillation trainers.
 
-The estimator math (``trl_rb.kl``) imports only torch; the trainers and tools import trl and transformers lazily,
-on first access, so ``import trl_rb`` stays light.
+The top level holds what a user of the trainers and kernels needs: the trainers and their configs, ``patch_trl``,
+every public name of the estimator math ``trl_rb.kl`` (imports only torch) and ``estimate_kl``. The trainers and
+tools import trl and transformers lazily, on first access, so ``import trl_rb`` stays light. The enumeration oracle
+is imported from ``trl_rb.exact``; the experiments live in the separate ``trl_rb_experiments`` package.
 """
 
 from __future__ import annotations
@@ -11,13 +13,16 @@ from typing import Any
 
 from .kl import (
     ESTIMATORS,
+    canonical_estimator,
     compute_kl,
+    future_sum,
     kl_estimate,
     kl_surrogate,
     linear_kl_terms,
     linear_logprob_kl,
     linear_token_kl,
     linear_weighted_kl_sum,
+    sequence_kl_terms,
     token_kl,
     token_logprobs,
 )
@@ -26,40 +31,32 @@ __version__ = "0.1.0"
 
 # Public names that live in modules importing trl / transformers: loaded on first access.
 _LAZY = {
-    "exact_kl": "trl_rb.exact",
-    "exact_kl_and_grad": "trl_rb.exact",
-    "enumerate_completions": "trl_rb.exact",
-    "completion_table": "trl_rb.exact",
-    "CompletionTable": "trl_rb.exact",
-    "count_completions": "trl_rb.exact",
     "RLOOConfig": "trl_rb.trainers.rloo",
     "RLOOTrainer": "trl_rb.trainers.rloo",
     "GRPOConfig": "trl_rb.trainers.grpo",
     "GRPOTrainer": "trl_rb.trainers.grpo",
     "DistillationConfig": "trl_rb.trainers.distillation",
     "DistillationTrainer": "trl_rb.trainers.distillation",
-    "estimate_kl": "trl_rb.estimate.api",
-    "EstimateResult": "trl_rb.estimate.api",
-    "build_review_lm": "trl_rb.sentiment.review_lm",
-    "load_review_lm": "trl_rb.sentiment.review_lm",
-    "vader_reward": "trl_rb.sentiment.rewards",
-    "classifier_reward": "trl_rb.sentiment.rewards",
-    "review_prompts": "trl_rb.sentiment.review_lm",
-    "review_lm_path": "trl_rb.sentiment.review_lm",
     "patch_trl": "trl_rb.trainers.patch",
     "unpatch_trl": "trl_rb.trainers.patch",
     "is_trl_patched": "trl_rb.trainers.patch",
+    "estimate_kl": "trl_rb.estimate.api",
+    "EstimateResult": "trl_rb.estimate.api",
 }
 
+# trl_rb.kl's public names (its __all__), then the lazy ones.
 __all__ = [
     "ESTIMATORS",
+    "canonical_estimator",
     "compute_kl",
+    "future_sum",
     "kl_estimate",
     "kl_surrogate",
     "linear_kl_terms",
     "linear_logprob_kl",
     "linear_token_kl",
     "linear_weighted_kl_sum",
+    "sequence_kl_terms",
     "token_kl",
     "token_logprobs",
     *_LAZY,

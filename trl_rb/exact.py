@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .kl import _check_temperature, token_kl, token_logprobs
+from .kl import token_kl, token_logprobs
+from .kl.checks import check_temperature
 
 __all__ = [
     "CompletionTable",
@@ -289,7 +290,7 @@ def completion_table(
         ValueError: empty prompt, max_new_tokens < 1, temperature <= 0, different vocabulary sizes, more than
             ``max_completions`` completions, or probabilities that do not sum to 1 (a non-causal model).
     """
-    _check_temperature(temperature)
+    check_temperature(temperature)
     prompt = _check_prompt(prompt_ids)
     _check_max_new_tokens(max_new_tokens)
     with torch.no_grad(), eval_mode(policy, reference):
@@ -445,7 +446,7 @@ def _expectation_and_grad(
     """sum_y p_theta(y) f(y) and its gradient by autograd through the finite sum, batch by batch of completions;
     ``values(lp, rows, rows_mask)`` gives f [M] from the completions' log-probs lp (with gradient: f may depend on
     theta, as log p - log q does)."""
-    _check_temperature(temperature)
+    check_temperature(temperature)
     _check_max_new_tokens(max_new_tokens)
     named = _named_params(policy, params)
     tensors = list(named.values())

@@ -24,12 +24,41 @@ from pathlib import Path
 from typing import Any
 
 from .api import ALL_ESTIMATORS, EstimateResult, resolve_estimator
+from .defaults import ENTRY_POINT_GROUP, DefaultsError, EstimateDefaults, registered_defaults
 
 __all__ = ["main", "read_prompts", "write_outputs"]
 
 
 class UsageError(Exception):
     """Bad command-line input: reported as ``trl-rb estimate: error: ...`` with exit code 2."""
+
+
+def _defaults_help() -> str:
+    """The registered defaults (``trl_rb.estimate.defaults``) in a few words, for ``--help``."""
+    try:
+        registered = registered_defaults()
+    except DefaultsError as err:
+        return f"unusable: {err}"
+    if registered is None:
+        return f"none is registered under the entry-point group {ENTRY_POINT_GROUP}, so give --reference"
+    return registered.description
+
+
+def _registered_defaults(need_reference: bool, need_prompts: bool) -> EstimateDefaults:
+    """The registered defaults, or a UsageError naming the flags to give instead."""
+    missing = " and ".join(
+        flag for flag, needed in (("--reference", need_reference), ("--prompts or --dataset", need_prompts)) if needed
+    )
+    try:
+        registered = registered_defaults()
+    except DefaultsError as err:
+        raise UsageError(f"{err}; give {missing}.") from None
+    if registered is None:
+        raise UsageError(
+            f"no default reference model and prompts are registered (entry-point group {ENTRY_POINT_GROUP}; "
+            f"trl-rb's experiments package registers the review LM): give {missing}."
+        )
+    return registered
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -47,15 +76,15 @@ def _parser() -> argparse.ArgumentParser:
         "--reference",
         default=None,
         help="folder of the reference model (a model or an adapter folder). Default: an adapter policy's base model "
-        "(adapter_config.json), else the model a run folder was trained from, else the offline review LM of the "
-        "sentiment experiment (built on first use)",
+        "(adapter_config.json), else the model a run folder was trained from, else the registered default "
+        f"reference ({_defaults_help()})",
     )
     src = p.add_mutually_exclusive_group()
     src.add_argument(
         "--prompts",
         default=None,
         help="text file with one prompt per line (blank lines skipped), or .jsonl with a 'prompt' field; any readable "
-        "path (a pipe, <(...)), or - for standard input",
+        "path (a pipe, <(...)), or - for standard input. Default (without --dataset): the registered default prompts",
     )
     src.add_argument("--dataset", default=None, help="a datasets.save_to_disk folder with a prompt column")
     p.add_argument(
@@ -429,30 +458,24 @@ def _run(args: argparse.Namespace) -> int:
             raise UsageError(f"--threads must be >= 1, got {args.threads}.")
         torch.set_num_threads(args.threads)
 
+    need_prompts = args.prompts is None and args.dataset is None
+    registered = (
+        _registered_defaults(args.reference is None, need_prompts) if need_prompts or args.reference is None else None
+    )
     if args.prompts is not None:
         prompts, source = read_prompts(args.prompts), str(args.prompts)
     elif args.dataset is not None:
         prompts, source = _dataset_prompts(args.dataset, args.split, args.prompt_column), str(args.dataset)
     else:
-        from ..sentiment.review_lm import review_prompts
-
-        prompts, source = review_prompts("test"), "review_prompts('test')"
+        prompts, source = registered.load_prompts(), registered.prompts_source
     if not prompts:
         raise UsageError(f"no prompts in {source}: give a file or dataset with at least one prompt.")
     prompts = prompts[: args.max_prompts]
 
     policy = _load_model(args.policy, "--policy", device)
     if args.reference is None:
-        from ..sentiment.review_lm import load_review_lm, review_lm_path
-
-        if not (review_lm_path() / "config.json").is_file():
-            print(
-                f"Building the offline review LM into {review_lm_path()} (first use, about a minute)...",
-                file=sys.stderr,
-            )
-        reference, ref_tokenizer = load_review_lm(progress=not args.no_progress)
+        reference, ref_tokenizer, reference_name = registered.load_reference(not args.no_progress)
         reference = reference.to(device).eval()
-        reference_name = f"review LM ({review_lm_path()})"
     else:
         reference = _load_model(args.reference, "--reference", device)
         ref_tokenizer = _load_tokenizer(args.reference)

@@ -12,7 +12,7 @@ scripts with these trainers). Public names are re-exported from ``trl_rb``.
 How the trainers hook into trl 1.16: every override calls trl's method (``super()``) and works on what trl passes
 and returns; what one call of an override carries between trl's inner calls is one object opened by that call
 (``capture.Recording``, RLOO's ``ScoringPass``), never a flag or a coefficient toggled on the trainer.
-``tests/test_trl_hooks.py`` pins, per override, the trl call order it relies on, and fails if trl's changes.
+``tests/trainers/test_trl_hooks.py`` pins, per override, the trl call order it relies on, and fails if trl's changes.
 
 ==========================================  ==================  ============================================================
 override (class)                            replaces in trl     why

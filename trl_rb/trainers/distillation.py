@@ -4,7 +4,7 @@ trl's ``DistillationTrainer`` (``beta=1.0``) samples completions from the studen
 full-vocabulary reverse KL of each next-token distribution, differentiated with the completions held fixed. That
 is the pathwise half of the gradient of the sequence-level KL(student || teacher); the score-function half, how each
 token changes the later tokens' divergences, is missing, so its mean gradient is not the gradient of its own objective
-(measured: ``tests/test_distillation.py``). ``kl_gradient="rb"`` adds it: the loss becomes the RB surrogate of
+(measured: ``tests/trainers/test_distillation.py``). ``kl_gradient="rb"`` adds it: the loss becomes the RB surrogate of
 ``distillation_loss`` with a constant normalization, an unbiased gradient of the sequence-level reverse KL.
 
 How the hook works (no trl code is copied): trl's ``_compute_loss`` computes both models' completion-aligned hidden

@@ -76,7 +76,7 @@ from .token_kl import (
     weighted_kl_sum_from_hidden,
 )
 
-__all__ = ["GRPO_KL_ESTIMATORS", "GRPOConfig", "GRPOTrainer", "reduce_like_loss_type"]
+__all__ = ["GRPO_KL_ESTIMATORS", "GRPOConfig", "GRPOTrainer", "loss_type_weights", "reduce_like_loss_type"]
 
 GRPO_KL_ESTIMATORS = ("k1", "k3", "rb")
 
@@ -198,8 +198,7 @@ class GRPOConfig(trl.GRPOConfig):
         super().__post_init__()
 
 
-def reduce_like_loss_type(
-    per_token: torch.Tensor,
+def loss_type_weights(
     mask: torch.Tensor,
     *,
     loss_type: str,
@@ -209,14 +208,44 @@ def reduce_like_loss_type(
     num_processes: int = 1,
     steps_per_generation: int = 1,
     training: bool = True,
+    dtype: torch.dtype = torch.float64,
 ) -> torch.Tensor:
-    """Reduce per-token loss terms [B, C] to the scalar trl 1.16's GRPO would make of its per-token loss.
+    """[B, C] weights w (0 on padding) such that trl 1.16's GRPO reduces per-token loss terms x to sum(w * x).
 
-    trl's normalizations, by ``loss_type`` (A = ``accumulation_steps`` in training, 1 in evaluation):
-    ``grpo``/``sapo``: mean over sequences of each sequence's masked mean, / A; ``bnpo``: masked sum / token count,
-    / A; ``dr_grpo``: masked sum / (B * ``max_completion_length``), / A; ``dapo``/``cispo``/``vespo``: masked sum /
-    (``num_items_in_batch`` / processes, times A / ``steps_per_generation`` in training); ``luspo``: mean over
-    sequences of each sequence's masked sum, / A.
+    trl's normalizations, by ``loss_type`` (A = ``accumulation_steps`` in training, 1 in evaluation; n_b the
+    sequence's token count, B the batch's sequences): ``grpo``/``sapo``: 1 / (n_b B A) (the mean over sequences of
+    each sequence's masked mean); ``bnpo``: 1 / (sum_b n_b A); ``dr_grpo``: 1 / (B ``max_completion_length`` A);
+    ``dapo``/``cispo``/``vespo``: 1 / (``num_items_in_batch`` / processes, times A / ``steps_per_generation`` in
+    training); ``luspo``: 1 / (B A) (the mean over sequences of each sequence's masked sum). Every reduction trl makes
+    is linear in x, so these weights are the whole of it (``tests/trainers/test_grpo.py`` checks them against trl's own loss
+    for every loss type).
+    """
+    m = mask.bool()
+    w = m.to(dtype)
+    counts = w.sum(-1, keepdim=True)
+    accum = accumulation_steps if training else 1.0
+    batch = mask.shape[0]
+    if loss_type in ("grpo", "sapo"):
+        return w / counts.clamp(min=1.0) / (batch * accum)
+    if loss_type == "bnpo":
+        return w / counts.sum().clamp(min=1.0) / accum
+    if loss_type == "dr_grpo":
+        return w / (batch * max_completion_length * accum)
+    if loss_type in ("dapo", "cispo", "vespo"):
+        if num_items_in_batch is None:
+            raise ValueError(f"loss_type={loss_type!r} normalizes by num_items_in_batch; pass it.")
+        normalizer = num_items_in_batch.to(device=w.device, dtype=dtype).clamp(min=1.0) / num_processes
+        if training:
+            normalizer = normalizer * accumulation_steps / steps_per_generation
+        return w / normalizer
+    if loss_type == "luspo":
+        return w / (batch * accum)
+    raise ValueError(f"Unknown loss_type {loss_type!r} (trl 1.16 GRPO: grpo, sapo, bnpo, dr_grpo, dapo, cispo, vespo, luspo).")
+
+
+def reduce_like_loss_type(per_token: torch.Tensor, mask: torch.Tensor, **normalization: Any) -> torch.Tensor:
+    """Reduce per-token loss terms [B, C] to the scalar trl 1.16's GRPO would make of its per-token loss:
+    sum(``loss_type_weights(mask, **normalization)`` * per_token), in ``per_token``'s dtype.
 
     Args:
         per_token: [B, C] float terms, completion-aligned; mask: [B, C] (1 = counted token). Padding may hold any
@@ -225,26 +254,9 @@ def reduce_like_loss_type(
     Returns:
         A 0-d tensor, differentiable with respect to ``per_token``.
     """
-    m = mask.bool()
-    masked = torch.where(m, per_token, torch.zeros((), dtype=per_token.dtype, device=per_token.device))
-    counts = m.sum(-1).to(per_token.dtype)
-    accum = accumulation_steps if training else 1.0
-    if loss_type in ("grpo", "sapo"):
-        return (masked.sum(-1) / counts.clamp(min=1.0)).mean() / accum
-    if loss_type == "bnpo":
-        return masked.sum() / counts.sum().clamp(min=1.0) / accum
-    if loss_type == "dr_grpo":
-        return masked.sum() / (per_token.shape[0] * max_completion_length) / accum
-    if loss_type in ("dapo", "cispo", "vespo"):
-        if num_items_in_batch is None:
-            raise ValueError(f"loss_type={loss_type!r} normalizes by num_items_in_batch; pass it.")
-        normalizer = num_items_in_batch.to(per_token.dtype).clamp(min=1.0) / num_processes
-        if training:
-            normalizer = normalizer * accumulation_steps / steps_per_generation
-        return masked.sum() / normalizer
-    if loss_type == "luspo":
-        return masked.sum(-1).mean() / accum
-    raise ValueError(f"Unknown loss_type {loss_type!r} (trl 1.16 GRPO: grpo, sapo, bnpo, dr_grpo, dapo, cispo, vespo, luspo).")
+    weights = loss_type_weights(mask, dtype=per_token.dtype, **normalization)
+    masked = torch.where(mask.bool(), per_token, torch.zeros((), dtype=per_token.dtype, device=per_token.device))
+    return (weights * masked).sum()
 
 
 def _trl_init_argument(name: str, *args: Any, **kwargs: Any) -> Any:
@@ -510,17 +522,12 @@ class GRPOTrainer(HiddenCaptureMixin, GenerationPositionsMixin, trl.GRPOTrainer)
         )
 
     def _reduce_weights(self, mask: torch.Tensor, inputs: dict[str, Any], mode: str) -> torch.Tensor:
-        """[B, C] float64 weights w with ``_reduce(x) == (w * x).sum()`` for every x (the reduction is linear):
-        its gradient, 0 on padding. float64 so that a float64 model's loss keeps its precision."""
-        with torch.enable_grad():
-            probe = torch.zeros(mask.shape, dtype=torch.float64, device=mask.device, requires_grad=True)
-            (weights,) = torch.autograd.grad(self._reduce(probe, mask, inputs, mode), probe)
-        return weights
+        """[B, C] float64 weights w with ``_reduce(x) == (w * x).sum()`` (trl's normalization, ``loss_type_weights``);
+        float64 so that a float64 model's loss keeps its precision."""
+        return loss_type_weights(mask, **self._normalization(inputs, mode))
 
-    def _reduce(self, per_token: torch.Tensor, mask: torch.Tensor, inputs: dict[str, Any], mode: str) -> torch.Tensor:
-        return reduce_like_loss_type(
-            per_token,
-            mask,
+    def _normalization(self, inputs: dict[str, Any], mode: str) -> dict[str, Any]:
+        return dict(
             loss_type=self.loss_type,
             max_completion_length=self.max_completion_length,
             # transformers sets it inside the training loop only (evaluate() may come first); evaluation never
@@ -531,3 +538,6 @@ class GRPOTrainer(HiddenCaptureMixin, GenerationPositionsMixin, trl.GRPOTrainer)
             steps_per_generation=self.args.steps_per_generation,
             training=mode == "train",
         )
+
+    def _reduce(self, per_token: torch.Tensor, mask: torch.Tensor, inputs: dict[str, Any], mode: str) -> torch.Tensor:
+        return reduce_like_loss_type(per_token, mask, **self._normalization(inputs, mode))

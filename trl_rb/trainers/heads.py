@@ -145,7 +145,7 @@ def _whole(head: HeadParams) -> HeadParams:
 
     ``full_tensor()``'s default backward takes each rank's gradient as already replicated and keeps only its own
     slice, so ranks that scored different batches would each keep their local gradient (measured: a silently wrong
-    head gradient, tests/test_fsdp2.py). Declaring it ``Partial("avg")`` makes the backward a reduce-scatter; ranks
+    head gradient, tests/engines/test_fsdp2.py). Declaring it ``Partial("avg")`` makes the backward a reduce-scatter; ranks
     that scored the same batch (tensor parallelism) average equal values, which changes nothing.
     """
     from torch.distributed.tensor import DTensor
@@ -216,7 +216,7 @@ def positions_from_attention_mask(model: nn.Module) -> Iterator[None]:
     trl 1.16 scores completions without position ids. For models with absolute position embeddings (GPT-2) that
     shifts every left-padded row: the log-probs, and the exact KL, would be those of a distribution other than the
     one the completions were sampled from (measured: the mean GRPO KL gradient 0.67 cosine to the truth with two
-    prompt lengths, tests/test_grpo_unbiased.py). Rotary models are invariant to the shift and multimodal models
+    prompt lengths, tests/trainers/test_grpo_unbiased.py). Rotary models are invariant to the shift and multimodal models
     compute their own (e.g. 3-D) positions: for those, and for backbones without a ``position_ids`` argument, the
     block changes nothing.
     """

@@ -27,7 +27,7 @@ __all__ = [
 
 
 def _head_kwargs(policy_head: HeadParams, ref_head: HeadParams) -> dict[str, Any]:
-    """The kl.py keyword arguments of the two heads (the reference's bias detached: it is a constant)."""
+    """The ``trl_rb.kl`` keyword arguments of the two heads (the reference's bias detached: it is a constant)."""
     return dict(
         bias_p=policy_head.bias,
         bias_q=None if ref_head.bias is None else ref_head.bias.detach(),
