@@ -311,10 +311,10 @@ class RLOOTrainer(HiddenCaptureMixin, GenerationPositionsMixin, trl.RLOOTrainer)
         with self._rb_recording(rewrite=partial(self._penalty_as_reference_logps, scoring)) as recording:
             output = super()._generate_and_score_completions(inputs)
         calls = recording.calls
-        if len(calls) != 2 or scoring.metrics is None:
+        if len(calls) != 2 or scoring.metrics is None or SCORABLE_KEY not in recording.notes:
             raise RuntimeError(
-                f"Expected trl to score the policy and then the reference (2 calls), saw {len(calls)}; this trl version "
-                "scores differently from the one trl_rb was written for (1.16)."
+                f"Expected trl to score the policy and then the reference (2 calls, saw {len(calls)}) and to compute "
+                "the rewards; this trl version scores differently from the one trl_rb was written for (1.16)."
             )
         mode = "train" if self.model.training else "eval"
         log_sequence_metrics(self, mode, scoring.metrics)
