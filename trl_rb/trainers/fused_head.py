@@ -14,7 +14,8 @@ weight's dtype, as in ``token_kl``). Where the heads are sharded the fused head 
 would have to be gathered again inside the backward, and under FSDP2 trl makes DTensor heads whole with a plain
 ``full_tensor()``, whose gradient the K_n term must not inherit (see ``heads._whole``). There, and for a trl call
 asking for other outputs, the trainer computes K_n after trl's forward as before; both paths give the same loss
-and gradient (tests/trainers/test_fused_head_trainers.py; tests/kernels/test_fused_head.py under autocast, up to the rounding of the policy's logits to its dtype).
+and gradient (tests/trainers/test_fused_head_trainers.py; tests/kernels/test_fused_head.py under autocast, up to the
+rounding of the policy's logits to its dtype).
 """
 
 from __future__ import annotations

@@ -17,9 +17,10 @@ is missing. ``kl_estimator`` chooses:
 
 How the hooks work (no trl code is copied): ``_generate_and_score_completions`` runs trl's under a hidden-state
 recording (``capture.HiddenCaptureMixin``), so the reference's last hidden states of trl's own reference forward
-ride in the batch dict (``capture.REF_HIDDEN_KEY``); ``_compute_loss`` runs trl's loss, records the policy's hidden states and
-per-token log-probs l_t (with gradient) from trl's own loss forward, and (``k1``, ``rb``) subtracts the beta * k3 term
-trl added, the same expression of the same log-probs (the table in ``trl_rb.trainers`` lists every override); K_t comes from ``trl_rb.kl`` on the two hidden states and LM heads
+ride in the batch dict (``capture.REF_HIDDEN_KEY``); ``_compute_loss`` runs trl's loss, records the policy's hidden
+states and per-token log-probs l_t (with gradient) from trl's own loss forward, and (``k1``, ``rb``) subtracts the
+beta * k3 term trl added, the same expression of the same log-probs (the table in ``trl_rb.trainers`` lists every
+override); K_t comes from ``trl_rb.kl`` on the two hidden states and LM heads
 (never [B, T, V] logits). Forward passes per generation batch (num_iterations = 1, aligned steps; generation aside):
 
 =========  ==========================================  ==================
@@ -217,8 +218,8 @@ def loss_type_weights(
     each sequence's masked mean); ``bnpo``: 1 / (sum_b n_b A); ``dr_grpo``: 1 / (B ``max_completion_length`` A);
     ``dapo``/``cispo``/``vespo``: 1 / (``num_items_in_batch`` / processes, times A / ``steps_per_generation`` in
     training); ``luspo``: 1 / (B A) (the mean over sequences of each sequence's masked sum). Every reduction trl makes
-    is linear in x, so these weights are the whole of it (``tests/trainers/test_grpo.py`` checks them against trl's own loss
-    for every loss type).
+    is linear in x, so these weights are the whole of it (``tests/trainers/test_grpo.py`` checks them against trl's
+    own loss for every loss type).
     """
     m = mask.bool()
     w = m.to(dtype)
