@@ -232,9 +232,10 @@ def mixed_batch(trainer, prompts: dict[str, list[int]], seed: int) -> dict:
     return trainer._generate_and_score_completions([{"prompt": p} for p in prompts for _ in range(BATCH // len(prompts))])
 
 
-def z_statistics(grads: torch.Tensor, exact: torch.Tensor) -> dict[str, float]:
+def z_statistics(grads: torch.Tensor, exact: torch.Tensor, expected_c: float | None = None) -> dict[str, float]:
     """Per-batch gradients [NB, D] against the exact gradient [D]: fitted scale c (mean ~ c * exact), its standard
-    error, and per-coordinate z-scores of mean - c * exact."""
+    error, per-coordinate z-scores of mean - c * exact (c = ``expected_c`` when given, else the fitted one), the
+    cosine to the exact gradient and the per-batch gradient variance summed over coordinates."""
     nb = grads.shape[0]
     mean, se = grads.mean(0), grads.std(0) / math.sqrt(nb)
     # Coordinates the KL does not depend on: position embeddings past the last step (exactly 0) and the attention key
@@ -247,13 +248,14 @@ def z_statistics(grads: torch.Tensor, exact: torch.Tensor) -> dict[str, float]:
     weights = e / (e @ e)
     c = float(weights @ m)
     c_se = float((grads[:, keep] @ weights).std() / math.sqrt(nb))  # from the per-batch c, so correlations count
-    z = (m - c * e) / s
+    z = (m - (c if expected_c is None else expected_c) * e) / s
     return {
         "c": c,
         "c_se": c_se,
         "max_abs_z": float(z.abs().max()),
         "frac_over_4se": float((z.abs() > 4).double().mean()),
         "cosine": float(torch.nn.functional.cosine_similarity(m, e, dim=0)),
+        "variance": float(grads.var(0).sum()),
         "coordinates": int(keep.sum()),
     }
 
@@ -334,23 +336,5 @@ def flat_grad(loss: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
 
 
 def compare(grads: torch.Tensor, exact: torch.Tensor, expected_c: float) -> dict[str, float]:
-    """Per-batch gradients [NB, D] against expected_c * exact [D]: fitted constant, z statistics, cosine, variance."""
-    nb = grads.shape[0]
-    mean, se = grads.mean(0), grads.std(0) / math.sqrt(nb)
-    # Coordinates the KL does not depend on (position embeddings past the last step, attention key biases) have
-    # rounding-level gradients in both: their z would compare rounding errors.
-    keep = se > 1e-8 * se.max()
-    assert int(keep.sum()) > 500
-    assert exact[~keep].abs().max() < 1e-12
-    m, s, e = mean[keep], se[keep], exact[keep]
-    weights = e / (e @ e)  # ordinary least squares for c in mean ~ c * exact
-    z = (m - expected_c * e) / s
-    return {
-        "c": float(weights @ m),
-        "c_se": float((grads[:, keep] @ weights).std() / math.sqrt(nb)),  # from the per-batch c: correlations count
-        "max_abs_z": float(z.abs().max()),
-        "frac_over_4se": float((z.abs() > 4).double().mean()),
-        "cosine": float(torch.nn.functional.cosine_similarity(m, e, dim=0)),
-        "variance": float(grads.var(0).sum()),  # per-batch gradient variance, summed over coordinates
-        "coordinates": int(keep.sum()),
-    }
+    """Per-batch gradients [NB, D] against expected_c * exact [D] (``z_statistics`` with c fixed)."""
+    return z_statistics(grads, exact, expected_c)

@@ -17,6 +17,7 @@ import math
 import pytest
 import torch
 from datasets import Dataset
+from support import flat_grad
 from transformers import PreTrainedTokenizerFast
 from vllm_cpu import EOS_ID, WORDS, build_qwen2, keep_plain_cpu_linear
 
@@ -57,7 +58,13 @@ def setup(tmp_path_factory):
     trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train(); the loss is called directly here
     prompt_ids = tokenizer(PROMPT)["input_ids"]
     vllm_logps = vllm_completion_logprobs(trainer, prompt_ids, completions)
-    return trainer, prompt_ids, completions, vllm_logps
+    return trainer, prompt_ids, completions, vllm_logps, sampling_probabilities(vllm_logps)
+
+
+def sampling_probabilities(vllm_logps: list[list[float]]) -> torch.Tensor:
+    """[N] p_vllm(y) of each enumerated completion (float64, normalized: they sum to 1 up to vLLM's rounding)."""
+    p_v = torch.tensor([math.exp(sum(lps)) for lps in vllm_logps], dtype=torch.float64)
+    return p_v / p_v.sum()
 
 
 def vllm_completion_logprobs(trainer, prompt_ids, completions) -> list[list[float]]:
@@ -93,9 +100,7 @@ def expected_gradient(trainer, inputs, probs: torch.Tensor, drop: tuple[str, ...
     for i in range(n):
         row = {k: v[i : i + 1] if torch.is_tensor(v) and v.ndim > 0 and v.shape[0] == n else v
                for k, v in inputs.items() if k not in drop}  # fmt: skip
-        grads = torch.autograd.grad(trainer.compute_loss(trainer.model, row), params, allow_unused=True)
-        flat = torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for g, p in zip(grads, params, strict=True)])
-        total += float(probs[i]) * flat.double()
+        total += float(probs[i]) * flat_grad(trainer.compute_loss(trainer.model, row), params).double()
     return total
 
 
@@ -113,7 +118,7 @@ def relative_error(estimate: torch.Tensor, target: torch.Tensor) -> float:
 def test_vllm_samples_from_the_logprobs_it_reports(setup):
     """At temperature 1 the log-probs vLLM returns while sampling equal its prompt log-probs of the same tokens, and
     the enumerated p_v sums to 1: p_v is vLLM's sampling distribution."""
-    trainer, prompt_ids, completions, vllm_logps = setup
+    trainer, prompt_ids, completions, vllm_logps, _ = setup
     total = sum(math.exp(sum(lps)) for lps in vllm_logps)
     assert abs(total - 1.0) < 1e-3, total
     sampled = trainer.vllm_generation.llm.generate(
@@ -128,10 +133,8 @@ def test_vllm_samples_from_the_logprobs_it_reports(setup):
 
 
 def test_rb_gradient_is_unbiased_under_vllm_sampling(setup):
-    trainer, prompt_ids, completions, vllm_logps = setup
+    trainer, prompt_ids, completions, vllm_logps, p_v = setup
     inputs = scored_batch(trainer, prompt_ids, completions, vllm_logps)
-    p_v = torch.tensor([math.exp(sum(lps)) for lps in vllm_logps], dtype=torch.float64)
-    p_v = p_v / p_v.sum()
     trainer_logps = inputs["old_per_token_logps"].double()  # trl scores the trainer's policy when vLLM samples
     mismatch = (trainer_logps - inputs["sampling_per_token_logps"].double()).abs()[inputs["completion_mask"].bool()]
     target = exact_target(trainer, prompt_ids)
@@ -151,12 +154,10 @@ def test_truncated_weights_bias_a_stale_vllm_batch(setup):
     truncation of its own ratios) biases it, by an amount the note and the README report: small with gamma 0, as
     large as ignoring the weights with gamma 5 beta (the control variate's whole-completion weight is truncated far
     more often than the prefix weights, so its two halves no longer cancel)."""
-    trainer, prompt_ids, completions, vllm_logps = setup
+    trainer, prompt_ids, completions, vllm_logps, p_v = setup
     inputs = scored_batch(trainer, prompt_ids, completions, vllm_logps)
     params = [p for p in trainer.model.parameters() if p.requires_grad]
     saved = [p.detach().clone() for p in params]
-    p_v = torch.tensor([math.exp(sum(lps)) for lps in vllm_logps], dtype=torch.float64)
-    p_v = p_v / p_v.sum()
     errors = {}
     try:
         generator = torch.Generator().manual_seed(11)
